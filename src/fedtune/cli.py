@@ -1,0 +1,151 @@
+"""The ``fedtune`` command line.
+
+    fedtune run [CONFIG.yaml] [key=value ...] --out DIR [--overwrite]
+    fedtune methods
+    fedtune datasets
+
+Exit codes: 0 success, 2 invalid input (one line on stderr), 1 runtime failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from fedtune.errors import UsageError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad usage as a UsageError (one line, exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _split_config_and_overrides(items: Sequence[str]) -> tuple[str | None, list[str]]:
+    config = None
+    overrides = []
+    for item in items:
+        if "=" in item:
+            overrides.append(item)
+        elif config is None:
+            config = item
+        else:
+            raise UsageError(f"unexpected argument {item!r}: give one config file and key=value overrides")
+    return config, overrides
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedtune.config import load_config
+    from fedtune.data.federated import plan_partitions
+    from fedtune.rundir import RunDir, check_run_dir
+
+    config_path, overrides = _split_config_and_overrides(args.items)
+    config = load_config(config_path, overrides)
+    out = Path(args.out)
+    check_run_dir(out, args.overwrite)
+    plan = plan_partitions(config)  # bad data input fails here, before any model loads
+
+    from fedtune.runtime.engine import build_federation
+    from fedtune.runtime.simulator import Simulator
+
+    fed = build_federation(config, plan)
+    run_dir = RunDir.create(out, args.overwrite)
+    summary = Simulator(fed, run_dir).run()
+    print(format_summary(summary, out))
+    return EXIT_OK
+
+
+def format_summary(summary: dict[str, Any], out: Path) -> str:
+    rows = [
+        ("method", summary["method"]),
+        ("model / dataset", f"{summary['model']} / {summary['dataset']}"),
+        ("rounds x clients", f"{summary['rounds']} x {summary['clients']}"),
+    ]
+    for key, value in summary["final"].items():
+        rows.append((f"final {key}", f"{value:.4f}" if isinstance(value, float) else str(value)))
+    best = summary["best"]
+    if best.get("round") is not None:
+        rows.append((f"best {summary['primary_metric']}", f"{best[summary['primary_metric']]:.4f} (round {best['round']})"))
+    rows += [
+        ("trainable / shared params", f"{summary['trainable_params']:,} / {summary['shared_params']:,}"),
+        ("uplink total", _human_bytes(summary["total_bytes_up"])),
+        ("downlink total", _human_bytes(summary["total_bytes_down"])),
+        ("wall time", f"{summary['wall_seconds']:.1f} s"),
+        ("run directory", str(out)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n} B"
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from fedtune.methods import METHODS
+
+    width = max(len(n) for n in METHODS)
+    for name in sorted(METHODS):
+        print(f"{name:<{width}}  {METHODS[name].summary}")
+    return EXIT_OK
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from fedtune.data.sources import BUILTINS, resolve_data_dir
+
+    root = resolve_data_dir(None)
+    width = max(len(n) for n in BUILTINS)
+    for name, spec in BUILTINS.items():
+        local = root is not None and all((root / f).exists() for f in spec.local_files)
+        where = "local" if local else "hub"
+        print(f"{name:<{width}}  [{where}]  {spec.description}")
+    print("\nAlso: a local .jsonl/.json/.csv/.parquet file, or any Hugging Face Hub dataset id.")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fedtune", description="Federated fine-tuning of large language models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", help="run a federated fine-tuning job in the embedded simulator")
+    run.add_argument("items", nargs="*", metavar="CONFIG.yaml|key=value", help="a config file and/or overrides")
+    run.add_argument("--out", required=True, help="run directory to write")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    run.set_defaults(func=cmd_run)
+    sub.add_parser("methods", help="list the federated methods").set_defaults(func=cmd_methods)
+    sub.add_parser("datasets", help="list the built-in datasets").set_defaults(func=cmd_datasets)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        func: Callable[[argparse.Namespace], int] = args.func
+        return func(args)
+    except UsageError as err:
+        print(f"fedtune: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("fedtune: interrupted", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as err:  # a runtime failure: one line, the traceback on request
+        if os.environ.get("FEDTUNE_DEBUG"):
+            traceback.print_exc()
+        first = str(err).splitlines()[0] if str(err) else ""
+        print(f"fedtune: failed: {type(err).__name__}: {first} (set FEDTUNE_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

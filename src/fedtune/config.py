@@ -1,0 +1,173 @@
+"""The run configuration: one typed, validated schema that YAML files and ``key=value`` fill.
+
+Validated once at the edge (``load_config``), then trusted everywhere inside. Every field
+can be set from the command line with its dotted name, e.g. ``lora.r=16`` or
+``fed_alora.a_persistence=keep``; values are parsed as YAML (``ranks=[2,4,8]``, ``true``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedtune.errors import UsageError
+from fedtune.methods import METHODS
+from fedtune.methods.fed_alora import FedALoRASettings
+from fedtune.methods.full_weight import FullWeightSettings, GaLoreSettings
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoraSettings(_Section):
+    r: int = Field(8, gt=0, description="LoRA rank")
+    alpha: float = Field(16.0, gt=0, description="scale numerator: s = alpha / r (rsLoRA: alpha / sqrt(r))")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = Field(None, description="module names; default per architecture")
+    rslora: bool = False
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+    #: shared: every client starts from one init (required by FFA-LoRA); per_client: own seed each
+    init_seed_mode: Literal["shared", "per_client"] = "shared"
+
+
+class RunConfig(_Section):
+    method: str = "fed-alora"
+    model: str = "minilm"
+    dataset: str = "20newsgroups"
+    #: a test file for a ``dataset`` given as a local file (else 10 % is split off)
+    test_dataset: str | None = None
+    data_dir: str | None = None
+    task: Literal["auto", "classification", "generation"] = "auto"
+    text_field: str | None = None
+    text_pair_field: str | None = None
+    label_field: str | None = None
+    prompt_field: str | None = None
+    response_field: str | None = None
+
+    clients: int = Field(10, gt=0)
+    rounds: int = Field(5, gt=0)
+    fraction: float = Field(1.0, gt=0, le=1, description="share of clients sampled per round")
+    clients_per_round: int | None = Field(None, gt=0, description="overrides fraction")
+    local_steps: int | None = Field(10, gt=0)
+    local_epochs: float | None = Field(None, gt=0, description="overrides local_steps")
+    batch_size: int = Field(16, gt=0)
+    eval_batch_size: int = Field(64, gt=0)
+    max_seq_len: int = Field(128, gt=8)
+    max_train_examples: int | None = Field(None, gt=0, description="cap on training rows before partitioning")
+    max_eval_examples: int | None = Field(1000, gt=0, description="cap on the global test set")
+    max_client_eval_examples: int | None = Field(100, gt=0, description="cap per client test split")
+    local_test_fraction: float = Field(0.2, ge=0, lt=1, description="share of each client's rows held out")
+
+    partition: Literal["iid", "dirichlet", "pathological", "natural"] = "dirichlet"
+    partition_by: str | None = Field(None, description="column; default label / natural key")
+    dirichlet_alpha: float = Field(0.5, gt=0)
+    classes_per_client: int = Field(2, gt=0)
+
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    head: Literal["shared", "local", "frozen"] = "shared"
+    wire_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    seed: int = 0
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    threads: int | None = Field(None, gt=0, description="torch CPU threads (default: all cores)")
+    eval_every: int = Field(1, gt=0)
+    personalised_eval: bool = True
+    max_new_tokens: int = Field(256, gt=0, description="generation budget for exact-match evaluation")
+    store_memory_mb: float = Field(1024.0, ge=0, description="client state kept in RAM before spilling to disk")
+    progress: bool = True
+
+    lora: LoraSettings = LoraSettings()
+    fed_alora: FedALoRASettings = FedALoRASettings()
+    full: FullWeightSettings = FullWeightSettings()
+    galore: GaLoreSettings = GaLoreSettings()
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; known methods: {', '.join(sorted(METHODS))}")
+        if self.clients_per_round is not None and self.clients_per_round > self.clients:
+            raise ValueError(f"clients_per_round={self.clients_per_round} exceeds clients={self.clients}")
+        if self.method == "ffa-lora" and self.lora.init_seed_mode != "shared":
+            raise ValueError("ffa-lora needs lora.init_seed_mode=shared: its frozen A must be identical on all clients")
+        return self
+
+    @property
+    def sampled_per_round(self) -> int:
+        if self.clients_per_round is not None:
+            return self.clients_per_round
+        return max(1, round(self.fraction * self.clients))
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["lora.r=16", "rounds=3"]`` -> ``{"lora": {"r": 16}, "rounds": 3}``."""
+    tree: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"override {pair!r} is not key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UsageError(f"override {pair!r} conflicts with another override")
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """The first problem of a pydantic error as one line: ``lora.r: must be > 0 (got 0)``."""
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown setting"
+    got = first.get("input")
+    shown = f" (got {got!r})" if first["type"] != "extra_forbidden" and not isinstance(got, dict) else ""
+    return f"invalid config: {where}: {message}{shown}"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML file (optional), apply ``key=value`` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise UsageError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UsageError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise UsageError(f"config file {path} must hold a mapping of settings")
+        data = loaded
+    data = _merge(data, parse_overrides(overrides or []))
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise UsageError(describe_validation_error(err)) from None
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

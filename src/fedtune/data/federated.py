@@ -1,0 +1,106 @@
+"""From a config to tokenised per-client shards: load, subsample, partition, hold out, encode."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+
+from fedtune.data.encode import Example, encode_classification, encode_generation, encode_scored
+from fedtune.data.partition import partition
+from fedtune.data.sources import FieldMap, TaskData, load_task
+from fedtune.errors import UsageError
+
+
+@dataclass
+class ClientData:
+    client_id: int
+    train: list[Example]
+    test: list[Example] = field(default_factory=list)
+    scored_test: list[Example] = field(default_factory=list)
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.train)
+
+
+@dataclass
+class FederatedData:
+    task: TaskData
+    clients: list[ClientData]
+    test: list[Example]
+    scored_test: list[Example]
+    #: raw (untokenised) rows per client, for reports and the Flower runtime's partition ids
+    client_rows: list[datasets.Dataset] = field(default_factory=list)
+
+
+@dataclass
+class PartitionPlan:
+    """The tokenizer-free part of data preparation, done before any model is loaded so that
+    bad input (missing file, more clients than rows) fails fast."""
+
+    task: TaskData
+    client_train: list[datasets.Dataset]
+    client_test: list[datasets.Dataset]
+    test: datasets.Dataset
+
+
+def _cap(ds: datasets.Dataset, limit: int | None, seed: int) -> datasets.Dataset:
+    if limit is None or len(ds) <= limit:
+        return ds
+    return ds.shuffle(seed=seed).select(range(limit))
+
+
+def plan_partitions(config: Any) -> PartitionPlan:
+    fields = FieldMap(
+        text=config.text_field,
+        text_pair=config.text_pair_field,
+        label=config.label_field,
+        prompt=config.prompt_field,
+        response=config.response_field,
+    )
+    task = load_task(config.dataset, config.data_dir, fields, config.task, config.seed, config.test_dataset)
+    if config.task != "auto" and config.task != task.kind:
+        raise UsageError(f"dataset {config.dataset!r} is a {task.kind} task, not {config.task}")
+    train = _cap(task.train, config.max_train_examples, config.seed)
+    if config.partition == "natural":
+        by = config.partition_by or task.natural_key or "label"
+    else:
+        by = config.partition_by or ("label" if task.kind == "classification" else (task.natural_key or "category"))
+    shards = partition(
+        train, config.partition, config.clients, by, seed=config.seed,
+        alpha=config.dirichlet_alpha, classes_per_client=config.classes_per_client,
+    )  # fmt: skip
+    client_train, client_test = [], []
+    for i, shard in enumerate(shards):
+        n_test = int(len(shard) * config.local_test_fraction)
+        if n_test >= 1 and len(shard) - n_test >= 1:
+            parts = shard.train_test_split(test_size=n_test, seed=config.seed + i)
+            client_train.append(parts["train"])
+            client_test.append(_cap(parts["test"], config.max_client_eval_examples, config.seed))
+        else:
+            client_train.append(shard)
+            client_test.append(shard.select([]))
+    return PartitionPlan(task, client_train, client_test, _cap(task.test, config.max_eval_examples, config.seed))
+
+
+def encode_plan(plan: PartitionPlan, tokenizer: Any, max_seq_len: int) -> FederatedData:
+    task = plan.task
+    scored = task.metric in ("multiple_choice", "exact_match")
+
+    def encode(rows: datasets.Dataset) -> list[Example]:
+        if len(rows) == 0:
+            return []
+        if task.kind == "classification":
+            return encode_classification(rows, tokenizer, max_seq_len)
+        return encode_generation(rows, tokenizer, max_seq_len)
+
+    def encode_scored_rows(rows: datasets.Dataset) -> list[Example]:
+        return encode_scored(rows, tokenizer, max_seq_len) if scored and len(rows) else []
+
+    clients = [
+        ClientData(i, encode(train), encode(test), encode_scored_rows(test))
+        for i, (train, test) in enumerate(zip(plan.client_train, plan.client_test))
+    ]
+    return FederatedData(task, clients, encode(plan.test), encode_scored_rows(plan.test), plan.client_train)

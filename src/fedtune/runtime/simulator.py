@@ -1,0 +1,220 @@
+"""The embedded runtime: a whole federation in one process, one base model, swapped client states.
+
+A run, top to bottom (``Simulator.run``):
+
+1. build the federation (data, model, method) and the run directory;
+2. each round: sample clients; for each, download -> train -> upload, keeping its local
+   parts in the client store; aggregate; evaluate every ``eval_every`` rounds;
+3. export the global adapter (PEFT format), personal adapters, summary and plots.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from fedtune.config import RunConfig, dump_config
+from fedtune.methods import ClientUpload
+from fedtune.plots import plot_run
+from fedtune.rundir import RunDir
+from fedtune.runtime.engine import Federation, client_turn, describe, sample_clients
+from fedtune.runtime.evaluation import PRIMARY_METRIC, evaluate
+from fedtune.runtime.store import ClientStateStore
+from fedtune.state import State, num_bytes, through_wire
+
+
+class Simulator:
+    def __init__(self, fed: Federation, run_dir: RunDir | None = None) -> None:
+        self.fed = fed
+        self.config: RunConfig = fed.config
+        self.method = fed.method
+        self.run_dir = run_dir
+        spill = (run_dir.path if run_dir else _temp_dir()) / "client_state"
+        self.store = ClientStateStore(int(self.config.store_memory_mb * 2**20), spill)
+        self.initial_server = self.method.server_init(fed.initial_state())
+        self.server: State = dict(self.initial_server)
+        self.history: list[dict[str, Any]] = []
+
+    # -- client state -----------------------------------------------------------------------
+    def local_state(self, client_id: int) -> State:
+        stored = self.store.get(client_id)
+        if stored is not None:
+            return stored
+        return self.method.client_init(self.fed.initial_state(client_id))
+
+    # -- one round --------------------------------------------------------------------------
+    def run_round(self, round_num: int, step_bar: Callable[[], None] | None = None) -> dict[str, Any]:
+        fed, method, config = self.fed, self.method, self.config
+        round_start = time.perf_counter()
+        sampled = sample_clients(config.clients, config.sampled_per_round, config.seed, round_num)
+        uploads: list[ClientUpload] = []
+        bytes_up: dict[int, int] = {}
+        bytes_down: dict[int, int] = {}
+        losses, compute = [], 0.0
+        for client_id in sampled:
+            payload = method.download(self.server, client_id)
+            bytes_down[client_id] = num_bytes(payload, fed.wire_dtype)
+            received = through_wire(payload, fed.wire_dtype)
+            turn = client_turn(fed, client_id, round_num, received, self.local_state(client_id), on_step=step_bar)
+            if turn.local:
+                self.store.put(client_id, turn.local)
+            n_k = fed.data.clients[client_id].num_examples
+            uploads.append(ClientUpload(client_id, n_k, turn.upload))
+            bytes_up[client_id] = turn.bytes_up
+            losses.append((turn.result.loss, n_k))
+            compute += turn.result.compute_seconds
+        train_seconds = time.perf_counter() - round_start
+        aggregate_start = time.perf_counter()
+        self.server = method.aggregate(self.server, uploads)
+        aggregate_seconds = time.perf_counter() - aggregate_start
+
+        total_n = sum(n for _, n in losses)
+        row: dict[str, Any] = {
+            "round": round_num,
+            "method": method.name,
+            "clients": sampled,
+            "train_loss": sum(loss * n for loss, n in losses) / total_n,
+            "num_examples": total_n,
+            "bytes_up": sum(bytes_up.values()),
+            "bytes_down": sum(bytes_down.values()),
+            "bytes_up_per_client": bytes_up,
+            "bytes_down_per_client": bytes_down,
+        }
+        eval_start = time.perf_counter()
+        if round_num % config.eval_every == 0 or round_num == config.rounds:
+            row.update(self.evaluate_global())
+            if method.has_local_parts and config.personalised_eval:
+                row.update({f"personal_{k}": v for k, v in self.evaluate_personal().items()})
+        eval_seconds = time.perf_counter() - eval_start
+        row.update(
+            {
+                "seconds": time.perf_counter() - round_start,
+                "train_seconds": train_seconds,
+                "compute_seconds": compute,
+                "aggregate_seconds": aggregate_seconds,
+                "eval_seconds": eval_seconds,
+            }
+        )
+        return row
+
+    # -- evaluation -------------------------------------------------------------------------
+    def global_state(self) -> State:
+        return self.method.global_state(self.server, self.fed.initial_state())
+
+    def _evaluate_state(self, state: State, examples: list, scored: list) -> dict[str, float]:
+        fed = self.fed
+        fed.binding.write(state)
+        return evaluate(
+            fed.binding.model, fed.data.task.metric, examples, scored, self.config.eval_batch_size, fed.pad_id,
+            fed.device, self.config.precision, fed.loaded.tokenizer, self.config.max_new_tokens,
+        )  # fmt: skip
+
+    def evaluate_global(self) -> dict[str, float]:
+        return self._evaluate_state(self.global_state(), self.fed.data.test, self.fed.data.scored_test)
+
+    def personal_state(self, client_id: int) -> State:
+        received = through_wire(self.method.download(self.server, client_id), self.fed.wire_dtype)
+        return self.method.personal_state(received, self.local_state(client_id), self.fed.initial_state(client_id))
+
+    def evaluate_personal(self) -> dict[str, float]:
+        """Each client's own model on its own test split; the plain mean over clients."""
+        per_client: list[dict[str, float]] = []
+        for client in self.fed.data.clients:
+            if client.test:
+                per_client.append(self._evaluate_state(self.personal_state(client.client_id), client.test, client.scored_test))
+        if not per_client:
+            return {}
+        return {k: sum(m[k] for m in per_client) / len(per_client) for k in per_client[0]}
+
+    # -- the whole run ----------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        config, fed = self.config, self.fed
+        run_start = time.perf_counter()
+        if self.run_dir:
+            self.run_dir.write_config(dump_config(config))
+            if self.method.uses_lora:
+                self._save_initial_states()
+        primary = PRIMARY_METRIC[fed.data.task.metric]
+        cumulative_up = cumulative_down = 0
+        rounds_bar = tqdm(range(1, config.rounds + 1), desc=f"{self.method.name} rounds", disable=not config.progress)
+        for round_num in rounds_bar:
+            steps = sum(fed.steps_for_client(c) for c in sample_clients(config.clients, config.sampled_per_round, config.seed, round_num))
+            with tqdm(total=steps, desc=f"round {round_num} local steps", leave=False, disable=not config.progress) as bar:
+                row = self.run_round(round_num, step_bar=lambda: bar.update(1))
+            cumulative_up += row["bytes_up"]
+            cumulative_down += row["bytes_down"]
+            row["cumulative_bytes_up"] = cumulative_up
+            row["cumulative_bytes_down"] = cumulative_down
+            self.history.append(row)
+            if self.run_dir:
+                self.run_dir.append_metrics(row)
+            if primary in row:
+                rounds_bar.set_postfix({primary: f"{row[primary]:.4f}"})
+        summary = self.summary(time.perf_counter() - run_start)
+        if self.run_dir:
+            self._export()
+            self.run_dir.write_summary(summary)
+            plot_run(self.history, self.run_dir.path / "plots", primary, title=self.method.name)
+        return summary
+
+    def summary(self, wall_seconds: float) -> dict[str, Any]:
+        fed = self.fed
+        primary = PRIMARY_METRIC[fed.data.task.metric]
+        evaluated = [r for r in self.history if primary in r]
+        final = evaluated[-1] if evaluated else {}
+        better = min if primary == "loss" else max
+        best = better(evaluated, key=lambda r: r[primary]) if evaluated else {}
+        metric_keys = [k for k in final if k in ("accuracy", "loss", "perplexity", "mc_accuracy", "exact_match") or k.startswith("personal_")]
+        return {
+            "method": self.method.name,
+            "model": self.config.model,
+            "dataset": self.config.dataset,
+            "task_metric": fed.data.task.metric,
+            "primary_metric": primary,
+            "rounds": len(self.history),
+            "clients": self.config.clients,
+            "final": {k: final[k] for k in metric_keys},
+            "best": {"round": best.get("round"), primary: best.get(primary)},
+            "final_train_loss": self.history[-1]["train_loss"] if self.history else None,
+            "total_bytes_up": sum(r["bytes_up"] for r in self.history),
+            "total_bytes_down": sum(r["bytes_down"] for r in self.history),
+            "wall_seconds": wall_seconds,
+            "train_seconds": sum(r["train_seconds"] for r in self.history),
+            "compute_seconds": sum(r["compute_seconds"] for r in self.history),
+            "eval_seconds": sum(r["eval_seconds"] for r in self.history),
+            **describe(fed),
+            "device": str(fed.device),
+            "seed": self.config.seed,
+        }
+
+    # -- outputs ----------------------------------------------------------------------------
+    def _save_initial_states(self) -> None:
+        assert self.run_dir is not None
+        self.run_dir.save_state("initial/global.safetensors", self.fed.initial_state())
+        if self.config.lora.init_seed_mode == "per_client":
+            for client_id in range(self.config.clients):
+                self.run_dir.save_state(f"initial/clients/{client_id}.safetensors", self.fed.initial_state(client_id))
+
+    def _export(self) -> None:
+        assert self.run_dir is not None
+        fed = self.fed
+        name = "adapter" if self.method.uses_lora else "model"
+        fed.binding.export(self.global_state(), self.run_dir.path / name, fed.loaded.tokenizer)
+        if self.method.has_local_parts:
+            for client in fed.data.clients:
+                fed.binding.export(self.personal_state(client.client_id), self.run_dir.path / "clients" / str(client.client_id) / name)
+        # the spilled client states were working files, not results
+        if self.store.spill_dir.is_dir() and self.run_dir.path in self.store.spill_dir.parents:
+            for f in self.store.spill_dir.glob("*.safetensors"):
+                f.unlink()
+            self.store.spill_dir.rmdir()
+
+
+def _temp_dir():
+    import tempfile
+    from pathlib import Path
+
+    return Path(tempfile.mkdtemp(prefix="fedtune-"))
