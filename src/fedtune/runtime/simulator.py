@@ -10,8 +10,10 @@ A run, top to bottom (``Simulator.run``):
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -32,7 +34,7 @@ class Simulator:
         self.config: RunConfig = fed.config
         self.method = fed.method
         self.run_dir = run_dir
-        spill = (run_dir.path if run_dir else _temp_dir()) / "client_state"
+        spill = (run_dir.path if run_dir else Path(tempfile.mkdtemp(prefix="fedtune-"))) / "client_state"
         self.store = ClientStateStore(int(self.config.store_memory_mb * 2**20), spill)
         self.initial_server = self.method.server_init(fed.initial_state())
         self.server: State = dict(self.initial_server)
@@ -212,9 +214,3 @@ class Simulator:
                 f.unlink()
             self.store.spill_dir.rmdir()
 
-
-def _temp_dir():
-    import tempfile
-    from pathlib import Path
-
-    return Path(tempfile.mkdtemp(prefix="fedtune-"))
