@@ -48,3 +48,19 @@ class FedSALoRA(RoleSharingMethod):
     summary = "FedSA-LoRA: A averaged across clients, B kept personal on each client"
     shared_roles = frozenset({ROLE_A})
     local_roles = frozenset({ROLE_B})
+
+
+@register
+class LocalOnly(RoleSharingMethod):
+    """No federation: every client trains its own adapter and head; nothing is sent.
+
+    The lower baseline of every study, and the setting of seed 000's initialisation
+    experiment (independent adapters from the same or different init seeds).
+    """
+
+    name = "local-only"
+    summary = "Baseline: each client trains its own LoRA (and head) alone; nothing is communicated"
+    local_roles = frozenset({ROLE_A, ROLE_B})
+
+    def __init__(self, head: str = "local") -> None:
+        super().__init__(head="local" if head == "shared" else head)  # type: ignore[arg-type]
