@@ -3,6 +3,7 @@
     fedtune run [CONFIG.yaml] [key=value ...] --out DIR [--overwrite]
     fedtune methods
     fedtune datasets
+    fedtune analyze RUN_DIR [--against RUN_DIR2] [--out DIR]
 
 Exit codes: 0 success, 2 invalid input (one line on stderr), 1 runtime failure.
 """
@@ -115,6 +116,26 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """Subspace similarity and magnitude/direction change of a run's LoRA adapters."""
+    from fedtune.analysis import analyze
+    from fedtune.analysis.report import format_means, summarize, write_report
+
+    for name in ("top_i", "top_j"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    run_dir = Path(args.run_dir)
+    out = Path(args.out) if args.out else run_dir / "analysis"
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    analysis = analyze(run_dir, args.against, args.top_i, args.top_j, args.dw_side)
+    write_report(analysis, out)
+    print(format_means(summarize(analysis)))
+    print(f"\nwritten to {out}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedtune", description="Federated fine-tuning of large language models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -125,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     sub.add_parser("methods", help="list the federated methods").set_defaults(func=cmd_methods)
     sub.add_parser("datasets", help="list the built-in datasets").set_defaults(func=cmd_datasets)
+    analyze = sub.add_parser("analyze", help="subspace similarity and weight change of a run's LoRA adapters")
+    analyze.add_argument("run_dir", metavar="RUN_DIR", help="a finished LoRA run directory")
+    analyze.add_argument("--against", metavar="RUN_DIR2", help="also compare with this run's adapters (same modules)")
+    analyze.add_argument("--out", help="where to write the analysis (default: RUN_DIR/analysis)")
+    analyze.add_argument("--top-i", type=int, help="singular vectors kept on the left of each pair (default: full rank)")
+    analyze.add_argument("--top-j", type=int, help="singular vectors kept on the right of each pair (default: full rank)")
+    analyze.add_argument("--dw-side", choices=("column", "row"), default="column", help="compare ΔW's column or row spaces")
+    analyze.set_defaults(func=cmd_analyze)
     return parser
 
 
