@@ -44,7 +44,7 @@ def test_upload_local_and_frozen_parts(case: str) -> None:
     initial = lora_state(0)
     server = method.server_init(initial)
     received = method.download(server, client_id=0)
-    start = method.client_start(received, method.client_init(initial), initial)
+    start = method.client_start(received, method.client_init(initial), initial, 0)
     assert start.keys() == initial.keys()
     trained = {k: v + 1.0 if method.trains(k) else v for k, v in start.items()}
     upload, kept = method.client_finish(trained, start)
@@ -122,11 +122,11 @@ def test_fed_alora_reset_restarts_a_but_evaluates_with_own_a() -> None:
     received = {k: v for k, v in lora_state(1).items() if k.endswith("lora_B")}
     reset, keep = FedALoRA(a_persistence="reset"), FedALoRA(a_persistence="keep")
     for key in trained_local:
-        torch.testing.assert_close(reset.client_start(received, trained_local, initial)[key], initial[key])
-        torch.testing.assert_close(keep.client_start(received, trained_local, initial)[key], trained_local[key])
-        torch.testing.assert_close(reset.personal_state(received, trained_local, initial)[key], trained_local[key])
+        torch.testing.assert_close(reset.client_start(received, trained_local, initial, 0)[key], initial[key])
+        torch.testing.assert_close(keep.client_start(received, trained_local, initial, 0)[key], trained_local[key])
+        torch.testing.assert_close(reset.personal_state(received, trained_local, initial, 0)[key], trained_local[key])
     for key in received:
-        torch.testing.assert_close(reset.client_start(received, trained_local, initial)[key], received[key])
+        torch.testing.assert_close(reset.client_start(received, trained_local, initial, 0)[key], received[key])
 
 
 def test_weighted_average_rejects_mismatched_inputs() -> None:

@@ -11,12 +11,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from functools import cached_property
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedtune.errors import UsageError
 from fedtune.methods import METHODS
 from fedtune.methods.fed_alora import FedALoRASettings
 from fedtune.methods.full_weight import FullWeightSettings, GaLoreSettings
+from fedtune.methods.hafl import HAFLSettings
+from fedtune.methods.hetlora import HetLoRASettings
+from fedtune.resources import assign_ranks, validate_ranks
 
 
 class _Section(BaseModel):
@@ -83,10 +88,17 @@ class RunConfig(_Section):
     store_memory_mb: float = Field(1024.0, ge=0, description="client state kept in RAM before spilling to disk")
     progress: bool = True
 
+    #: heterogeneous client ranks: a per-client list, or tiers {rank: share} assigned by seed
+    ranks: list[int] | dict[int, float] | None = None
+    #: the server's rank for heterogeneous methods (default: the largest client rank)
+    r_max: int | None = Field(None, gt=0)
+
     lora: LoraSettings = LoraSettings()
     fed_alora: FedALoRASettings = FedALoRASettings()
     full: FullWeightSettings = FullWeightSettings()
     galore: GaLoreSettings = GaLoreSettings()
+    hetlora: HetLoRASettings = HetLoRASettings()
+    hafl: HAFLSettings = HAFLSettings()
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
@@ -94,9 +106,30 @@ class RunConfig(_Section):
             raise ValueError(f"unknown method {self.method!r}; known methods: {', '.join(sorted(METHODS))}")
         if self.clients_per_round is not None and self.clients_per_round > self.clients:
             raise ValueError(f"clients_per_round={self.clients_per_round} exceeds clients={self.clients}")
+        if self.ranks is not None:
+            try:
+                ranks = self.client_ranks
+            except UsageError as err:
+                raise ValueError(str(err)) from None
+            if self.r_max is not None and self.r_max < max(ranks):
+                raise ValueError(f"r_max={self.r_max} is below the largest client rank {max(ranks)}")
         if self.method == "ffa-lora" and self.lora.init_seed_mode != "shared":
             raise ValueError("ffa-lora needs lora.init_seed_mode=shared: its frozen A must be identical on all clients")
         return self
+
+    @field_validator("ranks")
+    @classmethod
+    def _check_ranks(cls, value: Any) -> Any:
+        return validate_ranks(value)
+
+    @cached_property
+    def client_ranks(self) -> list[int]:
+        """Every client's LoRA rank (all ``lora.r`` unless ``ranks`` is set)."""
+        return assign_ranks(self.ranks, self.clients, self.lora.r, self.seed)
+
+    @property
+    def server_rank(self) -> int:
+        return self.r_max or max(self.client_ranks)
 
     @property
     def sampled_per_round(self) -> int:

@@ -20,12 +20,15 @@ State = dict[str, torch.Tensor]
 
 LORA_A_SUFFIX = ".lora_A"
 LORA_B_SUFFIX = ".lora_B"
+#: a LoRA target module's own (base) weight, for methods that merge into it (FLoRA)
+BASE_SUFFIX = ".base_layer.weight"
 
 # Roles a key can play; methods decide what to share by role.
 ROLE_A = "A"
 ROLE_B = "B"
 ROLE_HEAD = "head"
 ROLE_WEIGHT = "weight"
+ROLE_BASE = "base"
 
 WIRE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -40,6 +43,8 @@ def role_of(key: str, lora: bool = True) -> str:
         return ROLE_A
     if key.endswith(LORA_B_SUFFIX):
         return ROLE_B
+    if lora and key.endswith(BASE_SUFFIX):
+        return ROLE_BASE
     return ROLE_HEAD if lora else ROLE_WEIGHT
 
 
@@ -53,8 +58,35 @@ def module_of(key: str) -> str:
 
 def lora_modules(state: Mapping[str, torch.Tensor]) -> list[str]:
     """Modules that have both an A and a B factor in ``state``, in key order."""
-    modules = [module_of(k) for k in state if k.endswith(LORA_A_SUFFIX)]
+    modules = [module_of(k) for k in state if k.endswith(LORA_A_SUFFIX) and not is_bookkeeping(k)]
     return [m for m in modules if m + LORA_B_SUFFIX in state]
+
+
+#: server-side bookkeeping (per-client ranks, round counters): never sent, averaged or loaded
+BOOKKEEPING_PREFIX = "_"
+
+
+def is_bookkeeping(key: str) -> bool:
+    return key.startswith(BOOKKEEPING_PREFIX)
+
+
+def without_bookkeeping(state: Mapping[str, torch.Tensor]) -> State:
+    return {k: v for k, v in state.items() if not is_bookkeeping(k)}
+
+
+def pad_rank(state: Mapping[str, torch.Tensor], rank: int) -> State:
+    """Zero-pad (or truncate) every LoRA factor to ``rank`` components; other keys as they are."""
+    out: State = {}
+    for key, value in state.items():
+        if key.endswith(LORA_A_SUFFIX):
+            out[key] = torch.zeros((rank, value.shape[1]), dtype=value.dtype)
+            out[key][: min(rank, value.shape[0])] = value[:rank]
+        elif key.endswith(LORA_B_SUFFIX):
+            out[key] = torch.zeros((value.shape[0], rank), dtype=value.dtype)
+            out[key][:, : min(rank, value.shape[1])] = value[:, :rank]
+        else:
+            out[key] = value
+    return out
 
 
 def select(state: Mapping[str, torch.Tensor], keys: Iterable[str]) -> State:
@@ -66,11 +98,12 @@ def clone(state: Mapping[str, torch.Tensor]) -> State:
 
 
 def num_bytes(state: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None) -> int:
-    """Exact bytes of the tensors' data, as sent in ``dtype`` (their own dtype if None)."""
+    """Exact bytes of the tensors' data, floating tensors as sent in ``dtype`` (their own
+    dtype if None); integer tensors (indices) always in their own dtype."""
     total = 0
     for tensor in state.values():
-        itemsize = torch.empty((), dtype=dtype or tensor.dtype).element_size()
-        total += tensor.numel() * itemsize
+        wire = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        total += tensor.numel() * torch.empty((), dtype=wire).element_size()
     return total
 
 
@@ -103,9 +136,10 @@ def through_wire(state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> State
     Rounding to bf16/fp16 is real information loss; the simulator applies it so that a
     run with ``wire_dtype=bfloat16`` measures its effect rather than just its bytes.
     """
-    if dtype == torch.float32:
-        return {k: v.detach().clone() for k, v in state.items()}
-    return {k: v.detach().to(dtype).to(v.dtype) for k, v in state.items()}
+    return {
+        k: v.detach().to(dtype).to(v.dtype) if v.is_floating_point() and v.dtype != dtype else v.detach().clone()
+        for k, v in state.items()
+    }
 
 
 def max_abs_diff(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:

@@ -5,7 +5,7 @@ A method never touches a model, a data loader or a network. It maps tensor dicti
 unit tests all drive the same object. One round, for a sampled client k:
 
     received = method.download(server, k)                 # server -> client (bytes_down)
-    start    = method.client_start(received, local_k, initial_k)
+    start    = method.client_start(received, local_k, initial_k, k)
     trained  = <runtime trains the keys where method.trains(key)>
     upload, local_k = method.client_finish(trained, start)  # client -> server (bytes_up)
     server   = method.aggregate(server, [ClientUpload(k, n_k, upload), ...])
@@ -27,7 +27,16 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from fedtune.state import ROLE_HEAD, State, clone, role_of, weighted_average
+from fedtune.state import (
+    ROLE_BASE,
+    ROLE_HEAD,
+    State,
+    clone,
+    is_bookkeeping,
+    role_of,
+    weighted_average,
+    without_bookkeeping,
+)
 
 Placement = Literal["shared", "local", "frozen"]
 HeadPlacement = Literal["shared", "local", "frozen"]
@@ -51,6 +60,27 @@ def data_weights(uploads: Sequence[ClientUpload]) -> list[float]:
     return [u.num_examples / total for u in uploads]
 
 
+class LocalHooks:
+    """Hooks a method can put into a client's local training loop (all optional).
+
+    Created per client turn by :meth:`FederatedMethod.local_hooks`; ``extras()`` returns
+    tensors the hooks computed (importance scores, say), which reach ``client_finish``
+    merged into the trained state.
+    """
+
+    def extra_loss(self, params: Mapping[str, torch.nn.Parameter]) -> torch.Tensor | None:
+        return None
+
+    def after_backward(self, params: Mapping[str, torch.nn.Parameter]) -> None:
+        """Gradients are populated; the optimizer has not stepped yet."""
+
+    def after_step(self, params: Mapping[str, torch.nn.Parameter]) -> None:
+        """The optimizer has stepped."""
+
+    def extras(self) -> State:
+        return {}
+
+
 class FederatedMethod(ABC):
     """Base class: one federated fine-tuning algorithm as pure tensor functions."""
 
@@ -58,6 +88,14 @@ class FederatedMethod(ABC):
     summary: ClassVar[str]
     #: True: clients train LoRA adapters (+ head); False: clients train base weights.
     uses_lora: ClassVar[bool] = True
+    #: clients may have different LoRA ranks (config ``ranks``)
+    supports_heterogeneous_ranks: ClassVar[bool] = False
+    #: the model structure clients train: peft LoRA, full weights, or a method's own layer
+    adapter_kind: str = "lora"
+    #: also bind the target modules' own weights (methods that merge into them)
+    binds_base_weights: ClassVar[bool] = False
+    #: what a run exports: a PEFT ``adapter``, the whole ``model``, or ``merged`` target weights
+    export_format: ClassVar[str] = "adapter"
 
     def __init__(self, head: HeadPlacement = "shared") -> None:
         if head not in ("shared", "local", "frozen"):
@@ -87,6 +125,10 @@ class FederatedMethod(ABC):
         """Whether clients keep personal tensors (then personalised evaluation applies)."""
         return self.head == "local"
 
+    def model_rank(self, client_id: int) -> int | None:
+        """The LoRA rank of the adapter client ``client_id`` holds (None: its resource rank)."""
+        return None
+
     # -- the round -----------------------------------------------------------------------
     def server_init(self, initial: State) -> State:
         """The server's state before round 1, from the (shared-seed) initial state."""
@@ -98,18 +140,18 @@ class FederatedMethod(ABC):
 
     def download(self, server: State, client_id: int) -> State:
         """What the server sends client ``client_id`` (counted as bytes_down)."""
-        return {k: v for k, v in server.items() if self.is_shared(k)}
+        return {k: v for k, v in server.items() if self.is_shared(k) and not is_bookkeeping(k)}
 
-    def client_start(self, received: State, local: State, initial: State) -> State:
+    def client_start(self, received: State, local: State, initial: State, client_id: int) -> State:
         """The full trainable state the client starts local training from."""
         start = dict(initial)
         start.update(local)
         start.update(received)
         return clone(start)
 
-    def personal_state(self, received: State, local: State, initial: State) -> State:
+    def personal_state(self, received: State, local: State, initial: State, client_id: int) -> State:
         """The client's own model for personalised evaluation."""
-        return self.client_start(received, local, initial)
+        return self.client_start(received, local, initial, client_id)
 
     def client_finish(self, trained: State, start: State) -> tuple[State, State]:
         """Split the trained state into (upload, new local state)."""
@@ -129,10 +171,19 @@ class FederatedMethod(ABC):
     def global_state(self, server: State, initial: State) -> State:
         """The model a new client would get: the server's tensors over the initial ones."""
         state = dict(initial)
-        state.update(server)
+        state.update(without_bookkeeping(server))
+        return state
+
+    def export_state(self, state: State) -> State:
+        """A state as plain LoRA factors (+ head) for PEFT export; methods with their own
+        layer structure convert here."""
         return state
 
     # -- local optimisation --------------------------------------------------------------
+    def local_hooks(self, start: State, local: State) -> LocalHooks | None:
+        """Hooks for this client's local training (None: plain training)."""
+        return None
+
     def make_optimizer(
         self,
         params: Mapping[str, torch.nn.Parameter],
@@ -162,10 +213,12 @@ class RoleSharingMethod(FederatedMethod):
         role = role_of(key, self.uses_lora)
         if role == ROLE_HEAD:
             return self.head
-        if role in self.frozen_roles:
-            return "frozen"
         if role in self.local_roles:
             return "local"
+        if role in self.shared_roles:
+            return "shared"
+        if role in self.frozen_roles or role == ROLE_BASE:
+            return "frozen"
         return "shared"
 
     @property

@@ -47,6 +47,7 @@ class FedAvgFull(RoleSharingMethod):
     name = "fedavg-full"
     summary = "Full-weight FedAvg of the target weights or the whole model (full.scope), AdamW locally"
     uses_lora = False
+    export_format = "model"
     shared_roles = frozenset({ROLE_WEIGHT})
 
     @classmethod

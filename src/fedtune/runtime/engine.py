@@ -18,10 +18,10 @@ import torch
 from fedtune.config import RunConfig
 from fedtune.data.federated import FederatedData, PartitionPlan, encode_plan, plan_partitions
 from fedtune.errors import UsageError
-from fedtune.methods import FederatedMethod, build_method
+from fedtune.methods import METHODS, FederatedMethod, build_method
 from fedtune.models import LoadedModel, ModelBinding, bind_full, bind_lora, load_model
 from fedtune.runtime.local_training import LocalResult, steps_for, train_locally
-from fedtune.state import WIRE_DTYPES, State, num_bytes, through_wire
+from fedtune.state import WIRE_DTYPES, State, is_bookkeeping, num_bytes, through_wire
 
 
 def derive_seed(*parts: int) -> int:
@@ -65,28 +65,55 @@ class Federation:
     binding: ModelBinding
     device: torch.device
     wire_dtype: torch.dtype
-    _shared_initial: State | None = field(default=None, repr=False)
+    _shared_initial: dict[int, State] = field(default_factory=dict, repr=False)
 
     @property
     def pad_id(self) -> int:
         return self.loaded.pad_token_id
 
-    def initial_state(self, client_id: int | None = None) -> State:
-        """The trainable state a client starts from before its first round.
+    def rank_of(self, client_id: int | None) -> int:
+        """A client's LoRA rank; ``None`` is the server (``r_max``)."""
+        if not self.method.uses_lora:
+            return self.binding.active_rank
+        if client_id is None:
+            return self.config.server_rank
+        chosen = self.method.model_rank(client_id)
+        return self.config.client_ranks[client_id] if chosen is None else chosen
 
-        With ``lora.init_seed_mode=shared`` (default) every client, and the server, share one
-        init derived from the run seed; ``per_client`` gives each client its own.
+    def initial_state(self, client_id: int | None = None) -> State:
+        """The trainable state a client (``None``: the server) starts from before round 1.
+
+        With ``lora.init_seed_mode=shared`` (default) every client and the server share one
+        init derived from the run seed (at their own rank); ``per_client`` gives each its own.
         """
-        per_client = self.config.lora.init_seed_mode == "per_client" and client_id is not None
-        if per_client:
-            return self.binding.initial_state(derive_seed(self.config.seed, 0x1A17, client_id))
-        if self._shared_initial is None:
-            self._shared_initial = self.binding.initial_state(derive_seed(self.config.seed, 0x1A17))
-        return self._shared_initial
+        rank = self.rank_of(client_id)
+        if self.config.lora.init_seed_mode == "per_client" and client_id is not None:
+            return self.binding.initial_state(derive_seed(self.config.seed, 0x1A17, client_id), rank)
+        if rank not in self._shared_initial:
+            self._shared_initial[rank] = self.binding.initial_state(derive_seed(self.config.seed, 0x1A17), rank)
+        return self._shared_initial[rank]
 
     def steps_for_client(self, client_id: int) -> int:
         c = self.config
         return steps_for(self.data.clients[client_id].num_examples, c.batch_size, c.local_steps, c.local_epochs)
+
+
+def bind_model(method: FederatedMethod, loaded: LoadedModel, task_kind: str, config: RunConfig) -> ModelBinding:
+    """The parameters the method's clients train, bound on the loaded model."""
+    if not method.uses_lora:
+        return bind_full(loaded, config.full.scope, config.lora.target_modules)
+    distinct = set(config.client_ranks)
+    if len(distinct) > 1 and not method.supports_heterogeneous_ranks:
+        raise UsageError(
+            f"method {method.name} needs equal client ranks (got {sorted(distinct)}); "
+            "heterogeneous methods: " + ", ".join(n for n, m in METHODS.items() if m.supports_heterogeneous_ranks)
+        )
+    ranks = distinct | {config.server_rank}
+    if method.adapter_kind == "decomposed":
+        from fedtune.models.decomposed import bind_decomposed
+
+        return bind_decomposed(loaded, task_kind, config.lora, ranks, config.fed_alora.d_m)
+    return bind_lora(loaded, task_kind, config.lora, ranks, bind_base=method.binds_base_weights)
 
 
 def build_federation(config: RunConfig, plan: PartitionPlan | None = None) -> Federation:
@@ -95,12 +122,9 @@ def build_federation(config: RunConfig, plan: PartitionPlan | None = None) -> Fe
     plan = plan or plan_partitions(config)
     task = plan.task
     device = pick_device(config.device)
-    loaded = load_model(config.model, task.kind, task.num_labels, seed=config.seed)
     method = build_method(config)
-    if method.uses_lora:
-        binding = bind_lora(loaded, task.kind, config.lora)
-    else:
-        binding = bind_full(loaded, config.full.scope, config.lora.target_modules)
+    loaded = load_model(config.model, task.kind, task.num_labels, seed=config.seed)
+    binding = bind_model(method, loaded, task.kind, config)
     binding.to(device)
     data = encode_plan(plan, loaded.tokenizer, config.max_seq_len)
     return Federation(config, method, data, loaded, binding, device, WIRE_DTYPES[config.wire_dtype])
@@ -127,9 +151,13 @@ def client_turn(
     ``received`` is what arrived over the wire (already in its wire precision).
     """
     method, binding, config = fed.method, fed.binding, fed.config
-    start = method.client_start(received, local, fed.initial_state(client_id))
-    binding.write(start)
-    params = binding.set_trainable([k for k in start if method.trains(k)])
+    start = method.client_start(received, local, fed.initial_state(client_id), client_id)
+    # "_"-prefixed keys are the method's client-side bookkeeping (importance scores, chosen
+    # components): they travel from client_start to client_finish, not into the model.
+    model_keys = [k for k in start if not is_bookkeeping(k)]
+    binding.load({k: start[k] for k in model_keys})
+    params = binding.set_trainable([k for k in model_keys if method.trains(k)])
+    hooks = method.local_hooks(start, local)
     optimizer = method.make_optimizer(params, config.lr, config.weight_decay, binding.matrix_keys)
     turn_seed = derive_seed(config.seed, round_num, client_id)
     torch.manual_seed(turn_seed)  # dropout
@@ -146,9 +174,13 @@ def client_turn(
         fed.device,
         precision=config.precision,
         max_grad_norm=config.max_grad_norm,
+        hooks=hooks,
         on_step=on_step,
     )
-    trained = binding.read(start.keys())
+    trained = binding.read(model_keys)
+    trained.update({k: v for k, v in start.items() if is_bookkeeping(k)})
+    if hooks is not None:
+        trained.update(hooks.extras())
     upload, new_local = method.client_finish(trained, start)
     return ClientTurn(through_wire(upload, fed.wire_dtype), new_local, result, num_bytes(upload, fed.wire_dtype))
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from fedtune.data.encode import Batch, Example, collate
+from fedtune.methods.base import LocalHooks
 
 
 @dataclass
@@ -58,10 +59,6 @@ def forward_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return out.loss
 
 
-#: called after backward, before the optimizer step: (step, trainable params by key)
-StepHook = Callable[[int, Mapping[str, torch.nn.Parameter]], None]
-
-
 def train_locally(
     model: torch.nn.Module,
     params: Mapping[str, torch.nn.Parameter],
@@ -74,25 +71,28 @@ def train_locally(
     device: torch.device,
     precision: str = "fp32",
     max_grad_norm: float | None = None,
-    after_backward: StepHook | None = None,
+    hooks: LocalHooks | None = None,
     on_step: Callable[[], None] | None = None,
 ) -> LocalResult:
     model.train()
     trainable = list(params.values())
     total_loss, total_examples, total_tokens, compute = 0.0, 0, 0, 0.0
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for step, batch in enumerate(batches(examples, batch_size, steps, generator, pad_id)):
+    for batch in batches(examples, batch_size, steps, generator, pad_id):
         batch = batch.to(device)
         start = time.perf_counter()
         with autocast(device, precision):
             loss = forward_loss(model, batch)
-        loss.backward()
-        if after_backward is not None:
-            after_backward(step, params)
+            extra = hooks.extra_loss(params) if hooks is not None else None
+        (loss if extra is None else loss + extra).backward()
+        if hooks is not None:
+            hooks.after_backward(params)
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if hooks is not None:
+            hooks.after_step(params)
         sync()
         compute += time.perf_counter() - start
         total_loss += float(loss.detach())

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from fedtune.config import RunConfig, dump_config
 from fedtune.methods import ClientUpload
+from fedtune.models.export import save_merged_weights
 from fedtune.plots import plot_run
 from fedtune.rundir import RunDir
 from fedtune.runtime.engine import Federation, client_turn, describe, sample_clients
@@ -36,7 +37,7 @@ class Simulator:
         self.run_dir = run_dir
         spill = (run_dir.path if run_dir else Path(tempfile.mkdtemp(prefix="fedtune-"))) / "client_state"
         self.store = ClientStateStore(int(self.config.store_memory_mb * 2**20), spill)
-        self.initial_server = self.method.server_init(fed.initial_state())
+        self.initial_server = self.method.server_init(fed.initial_state(None))
         self.server: State = dict(self.initial_server)
         self.history: list[dict[str, Any]] = []
 
@@ -108,7 +109,7 @@ class Simulator:
 
     def _evaluate_state(self, state: State, examples: list, scored: list) -> dict[str, float]:
         fed = self.fed
-        fed.binding.write(state)
+        fed.binding.load(state)
         return evaluate(
             fed.binding.model, fed.data.task.metric, examples, scored, self.config.eval_batch_size, fed.pad_id,
             fed.device, self.config.precision, fed.loaded.tokenizer, self.config.max_new_tokens,
@@ -119,7 +120,7 @@ class Simulator:
 
     def personal_state(self, client_id: int) -> State:
         received = through_wire(self.method.download(self.server, client_id), self.fed.wire_dtype)
-        return self.method.personal_state(received, self.local_state(client_id), self.fed.initial_state(client_id))
+        return self.method.personal_state(received, self.local_state(client_id), self.fed.initial_state(client_id), client_id)
 
     def evaluate_personal(self) -> dict[str, float]:
         """Each client's own model on its own test split; the plain mean over clients."""
@@ -203,11 +204,18 @@ class Simulator:
     def _export(self) -> None:
         assert self.run_dir is not None
         fed = self.fed
-        name = "adapter" if self.method.uses_lora else "model"
-        fed.binding.export(self.global_state(), self.run_dir.path / name, fed.loaded.tokenizer)
+        fmt = self.method.export_format
+
+        def save(state: State, target: Path) -> None:
+            if fmt == "merged":
+                save_merged_weights(state, target)
+            else:
+                fed.binding.export(self.method.export_state(state), target, fed.loaded.tokenizer)
+
+        save(self.global_state(), self.run_dir.path / fmt)
         if self.method.has_local_parts:
             for client in fed.data.clients:
-                fed.binding.export(self.personal_state(client.client_id), self.run_dir.path / "clients" / str(client.client_id) / name)
+                save(self.personal_state(client.client_id), self.run_dir.path / "clients" / str(client.client_id) / fmt)
         # the spilled client states were working files, not results
         if self.store.spill_dir.is_dir() and self.run_dir.path in self.store.spill_dir.parents:
             for f in self.store.spill_dir.glob("*.safetensors"):

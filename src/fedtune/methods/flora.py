@@ -1,0 +1,156 @@
+"""FLoRA (Wang et al. NeurIPS 2024): stacking aggregation, merged into the base weights.
+
+Stacking A = [p_1 A_1; ...; p_K A_K] and B = [s_1 B_1, ..., s_K B_K] gives
+B A = sum_k p_k s_k B_k A_k exactly, whatever the ranks. The server merges that into each
+target module's weight, W <- W + B A, and every client starts a fresh LoRA next round.
+
+What a client downloads is what it needs to bring its own copy of W up to date: the last
+round's stack if it was synchronised one aggregation ago (so the download grows with the
+number of clients, FLoRA's known cost), or the dense merged weights if it missed rounds
+(partial participation). The server keeps, as bookkeeping tensors, the round counter, each
+client's last synchronised round and the last stack. Clients keep their W locally.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from fedtune.methods.base import ClientUpload, FederatedMethod, HeadPlacement, Placement, data_weights
+from fedtune.methods.registry import register
+from fedtune.resources import RankPlan
+from fedtune.state import (
+    BASE_SUFFIX,
+    LORA_A_SUFFIX,
+    LORA_B_SUFFIX,
+    ROLE_A,
+    ROLE_B,
+    ROLE_BASE,
+    ROLE_HEAD,
+    State,
+    clone,
+    lora_modules,
+    role_of,
+    weighted_average,
+)
+
+ROUND_KEY = "_flora.round"
+SYNCED_KEY = "_flora.synced"
+STACK_PREFIX = "_flora.stack."
+
+
+def stack(uploads: Sequence[ClientUpload], plan: RankPlan) -> State:
+    """Per module: A = [p_k A_k] stacked by rows, B = [s_k B_k] stacked by columns."""
+    p = data_weights(uploads)
+    stacked: State = {}
+    for module in lora_modules(uploads[0].tensors):
+        a_key, b_key = module + LORA_A_SUFFIX, module + LORA_B_SUFFIX
+        stacked[a_key] = torch.cat([p_k * u.tensors[a_key] for p_k, u in zip(p, uploads)], dim=0)
+        stacked[b_key] = torch.cat(
+            [plan.scale(u.tensors[a_key].shape[0]) * u.tensors[b_key] for u in uploads], dim=1
+        )
+    return stacked
+
+
+def merge(weights: State, stacked: State) -> State:
+    """W <- W + B A for every module of the stack (the same float ops on server and clients)."""
+    merged = dict(weights)
+    for module in lora_modules(stacked):
+        key = module + BASE_SUFFIX
+        merged[key] = weights[key] + stacked[module + LORA_B_SUFFIX] @ stacked[module + LORA_A_SUFFIX]
+    return merged
+
+
+@register
+class FLoRA(FederatedMethod):
+    name = "flora"
+    summary = "FLoRA: exact stacking aggregation merged into the base weights; fresh LoRA each round"
+    supports_heterogeneous_ranks = True
+    binds_base_weights = True
+    export_format = "merged"  # the result lives in the base weights, not in an adapter
+
+    def __init__(self, plan: RankPlan, head: HeadPlacement = "shared") -> None:
+        super().__init__(head=head)
+        self.plan = plan
+
+    @classmethod
+    def from_config(cls, config: Any) -> FLoRA:
+        return cls(RankPlan.from_config(config), config.head)
+
+    def placement(self, key: str) -> Placement:
+        role = role_of(key)
+        if role == ROLE_HEAD:
+            return self.head
+        if role == ROLE_BASE:
+            return "local"  # each client holds its merged copy of W
+        return "shared"
+
+    def server_init(self, initial: State) -> State:
+        server = clone({k: v for k, v in initial.items() if role_of(k) in (ROLE_BASE, ROLE_HEAD)})
+        if self.head != "shared":
+            server = {k: v for k, v in server.items() if role_of(k) == ROLE_BASE}
+        server[ROUND_KEY] = torch.tensor(0)
+        server[SYNCED_KEY] = torch.zeros(len(self.plan.client_ranks), dtype=torch.int64)
+        return server
+
+    def download(self, server: State, client_id: int) -> State:
+        payload = {k: v for k, v in server.items() if role_of(k) == ROLE_HEAD and self.is_shared(k) and not k.startswith("_")}
+        behind = int(server[ROUND_KEY]) - int(server[SYNCED_KEY][client_id])
+        if behind == 1:
+            payload.update({k[len(STACK_PREFIX) :]: v for k, v in server.items() if k.startswith(STACK_PREFIX)})
+        elif behind > 1:
+            payload.update({k: v for k, v in server.items() if role_of(k) == ROLE_BASE})
+        return payload
+
+    def client_start(self, received: State, local: State, initial: State, client_id: int) -> State:
+        weights = {k: v for k, v in (local or initial).items() if role_of(k) == ROLE_BASE}
+        if any(role_of(k) == ROLE_BASE for k in received):
+            weights = {k: v for k, v in received.items() if role_of(k) == ROLE_BASE}
+        elif any(role_of(k) in (ROLE_A, ROLE_B) for k in received):
+            weights = merge(weights, {k: v for k, v in received.items() if role_of(k) in (ROLE_A, ROLE_B)})
+        start = dict(initial)  # a fresh LoRA every round
+        start.update(weights)
+        start.update({k: v for k, v in received.items() if role_of(k) == ROLE_HEAD})
+        if self.head == "local":
+            start.update({k: v for k, v in local.items() if role_of(k) == ROLE_HEAD})
+        return clone(start)
+
+    def client_finish(self, trained: State, start: State) -> tuple[State, State]:
+        upload = {k: v for k, v in trained.items() if self.is_shared(k)}
+        local = {k: v for k, v in start.items() if role_of(k) == ROLE_BASE}
+        if self.head == "local":
+            local.update({k: v for k, v in trained.items() if role_of(k) == ROLE_HEAD})
+        return upload, local
+
+    def aggregate(self, server: State, uploads: Sequence[ClientUpload]) -> State:
+        if not uploads:
+            return dict(server)
+        stacked = stack(uploads, self.plan)
+        new = {k: v for k, v in server.items() if not k.startswith(STACK_PREFIX)}
+        new.update(merge({k: v for k, v in server.items() if role_of(k) == ROLE_BASE}, stacked))
+        new.update({STACK_PREFIX + k: v for k, v in stacked.items()})
+        heads = [{k: v for k, v in u.tensors.items() if role_of(k) == ROLE_HEAD} for u in uploads]
+        if heads[0]:
+            new.update(weighted_average(heads, data_weights(uploads)))
+        # every uploader holds the merged W of the previous round, so it is one stack behind now
+        synced = server[SYNCED_KEY].clone()
+        for u in uploads:
+            synced[u.client_id] = int(server[ROUND_KEY])
+        new[SYNCED_KEY] = synced
+        new[ROUND_KEY] = server[ROUND_KEY] + 1
+        return new
+
+    def global_state(self, server: State, initial: State) -> State:
+        state = dict(initial)
+        for module in lora_modules(initial):
+            state[module + LORA_B_SUFFIX] = torch.zeros_like(initial[module + LORA_B_SUFFIX])
+        state.update({k: v for k, v in server.items() if not k.startswith("_")})
+        return state
+
+    def personal_state(self, received: State, local: State, initial: State, client_id: int) -> State:
+        start = self.client_start(received, local, initial, client_id)
+        for module in lora_modules(start):
+            start[module + LORA_B_SUFFIX] = torch.zeros_like(start[module + LORA_B_SUFFIX])
+        return start
