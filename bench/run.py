@@ -6,6 +6,11 @@
   parts (Fed-ALoRA, keep), each in its own process (target: RSS_100 <= RSS_2 + 100 x adapter
   size + 200 MB, i.e. one base model, not one per client).
 
+- ``flexlora``: FlexLoRA aggregation on 7B-shaped adapters (32 layers x 4 modules of
+  4096 x 4096, 10 clients with ranks from {4, 8, 16, 32, 64}): the QR fast path on all 128
+  modules vs the dense SVD reference on a few, per-module time and peak extra memory
+  (target: >= 50x faster, memory O((d_in + d_out) R)).
+
 Usage: python bench/run.py [--out DIR] [--only NAME ...]
 """
 
@@ -133,24 +138,191 @@ def bench_memory(out: Path) -> None:
     )
 
 
+FLEX_RANKS = (4, 8, 16, 32, 64, 4, 8, 16, 32, 64)
+FLEX_DIM = 4096
+
+
+def _flex_module(seed: int):
+    from fedtune.methods import ClientUpload
+
+    g = torch.Generator().manual_seed(seed)
+    uploads = []
+    for client, rank in enumerate(FLEX_RANKS):
+        a = torch.randn(rank, FLEX_DIM, generator=g) / FLEX_DIM**0.5
+        b = torch.randn(FLEX_DIM, rank, generator=g) / rank**0.5
+        uploads.append(ClientUpload(client, 100 + 10 * client, {"m.lora_A": a, "m.lora_B": b}))
+    server = {"m.lora_A": torch.zeros(max(FLEX_RANKS), FLEX_DIM), "m.lora_B": torch.zeros(FLEX_DIM, max(FLEX_RANKS))}
+    return server, uploads
+
+
+def _flex_method(dense: bool):
+    from fedtune.methods.flexlora import FlexLoRA
+    from fedtune.resources import RankPlan
+
+    return FlexLoRA(RankPlan(FLEX_RANKS, max(FLEX_RANKS), alpha=16.0), dense=dense)
+
+
+def flexlora_memory_child(path: str, result_file: Path) -> None:
+    """Peak RSS growth of one module's aggregation, above the inputs (own process)."""
+    import ctypes
+    import threading
+
+    import psutil
+
+    server, uploads = _flex_module(0)
+    method = _flex_method(path == "dense")
+    method.aggregate(server, uploads)  # warm-up: first-call allocations of the LAPACK routines
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed memory back so RSS starts at the inputs
+    process = psutil.Process()
+    baseline = process.memory_info().rss
+    peak = baseline
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, process.memory_info().rss)
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    method.aggregate(server, uploads)
+    done.set()
+    sampler.join()
+    result_file.write_text(json.dumps({"extra_peak_bytes": peak - baseline}))
+
+
+def bench_flexlora(out: Path, dense_modules: int) -> None:
+    modules = 32 * 4
+    fast_method, dense_method = _flex_method(False), _flex_method(True)
+    fast_times, dense_times, errors = [], [], []
+    for module in range(modules):
+        server, uploads = _flex_module(module)
+        start = time.perf_counter()
+        fast = fast_method.aggregate(server, uploads)
+        fast_times.append(time.perf_counter() - start)
+        if module < dense_modules:
+            start = time.perf_counter()
+            dense = dense_method.aggregate(server, uploads)
+            dense_times.append(time.perf_counter() - start)
+            w_fast = fast["m.lora_B"].double() @ fast["m.lora_A"].double()
+            w_dense = dense["m.lora_B"].double() @ dense["m.lora_A"].double()
+            errors.append(float((w_fast - w_dense).norm() / w_dense.norm()))
+    memory = {}
+    for path in ("fast", "dense"):
+        result_file = out / f".flex-{path}.json"
+        out.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, __file__, "--flex-memory-child", path, "--child-out", str(result_file)], check=True)
+        memory[path] = json.loads(result_file.read_text())["extra_peak_bytes"]
+        result_file.unlink()
+    fast_per_module = sum(fast_times) / len(fast_times)
+    dense_per_module = sum(dense_times) / len(dense_times)
+    total_rank = sum(FLEX_RANKS)
+    write(
+        out,
+        "flexlora_aggregation",
+        {
+            "shape": f"{modules} modules of {FLEX_DIM} x {FLEX_DIM}, clients' ranks {list(FLEX_RANKS)} (R = {total_rank})",
+            "fast_seconds_per_module": fast_per_module,
+            "fast_seconds_all_modules": sum(fast_times),
+            "dense_seconds_per_module": dense_per_module,
+            "dense_modules_timed": len(dense_times),
+            "speedup": dense_per_module / fast_per_module,
+            "target_speedup": ">= 50",
+            "passed": dense_per_module / fast_per_module >= 50,
+            "max_relative_error_vs_dense_rank_r_max": max(errors),
+            "extra_peak_memory_fast_mb": memory["fast"] / 2**20,
+            "extra_peak_memory_dense_mb": memory["dense"] / 2**20,
+            "reference_sizes_mb": {
+                "(d_in + d_out) R float32": 2 * FLEX_DIM * total_rank * 4 / 2**20,
+                "d_in d_out float32": FLEX_DIM * FLEX_DIM * 4 / 2**20,
+            },
+        },
+    )
+
+
+BYTES_METHODS = {
+    # name: (method, config file or None, extra overrides)
+    "fedit": ("fedit", "configs/fedit.yaml", []),
+    "ffa-lora": ("ffa-lora", "configs/ffa-lora.yaml", []),
+    "fedsa-lora": ("fedsa-lora", "configs/fedsa-lora.yaml", []),
+    "fed-alora (r=8)": ("fed-alora", "configs/fed-alora.yaml", []),
+    "fedavg-full": ("fedavg-full", "configs/fedavg-full.yaml", []),
+    "fedavg-galore": ("fedavg-galore", "configs/fedavg-galore.yaml", []),
+    "hetlora": ("hetlora", "configs/hetero/20ng-hetlora.yaml", []),
+    "flexlora": ("flexlora", "configs/hetero/20ng-flexlora.yaml", []),
+    "flora": ("flora", "configs/hetero/20ng-flora.yaml", []),
+    "fed-alora (decomposed)": ("fed-alora", "configs/hetero/20ng-fed-alora.yaml", []),
+    "hafl (freezing)": ("hafl", "configs/hetero/20ng-hafl.yaml", []),
+    "hafl (truncation)": ("hafl", "configs/hetero/20ng-hafl-truncation.yaml", []),
+}
+
+
+def bench_bytes(out: Path) -> None:
+    """Exact bytes per round of every method on the 20NG configs (2 rounds, 1 local step)."""
+    from fedtune.config import load_config
+    from fedtune.runtime.engine import build_federation
+    from fedtune.runtime.simulator import Simulator
+
+    rows = []
+    for label, (_, path, extra) in BYTES_METHODS.items():
+        overrides = ["rounds=2", "local_steps=1", "eval_every=100", "max_eval_examples=16", "max_client_eval_examples=2",
+                     "personalised_eval=false", "progress=false", "max_seq_len=64", *extra]  # fmt: skip
+        config = load_config(ROOT / path, overrides)
+        simulator = Simulator(build_federation(config))
+        simulator.run()
+        for row in simulator.history:
+            rows.append(
+                {
+                    "method": label,
+                    "round": row["round"],
+                    "bytes_up": row["bytes_up"],
+                    "bytes_down": row["bytes_down"],
+                    "bytes_up_per_client": row["bytes_up_per_client"],
+                    "client_ranks": config.client_ranks,
+                }
+            )
+    lines = ["| method | round | uplink (all clients) | downlink (all clients) |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['round']} | {r['bytes_up']:,} | {r['bytes_down']:,} |")
+    write(
+        out,
+        "bytes_per_round",
+        {
+            "job": "20NG + MiniLM, 10 clients, LoRA on query/value; homogeneous methods r=8, heterogeneous tiers {2: 0.4, 4: 0.3, 8: 0.3}",
+            "rows": rows,
+            "markdown": "\n".join(lines),
+        },
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    parser.add_argument("--only", nargs="*", default=None, help="overhead, memory")
+    parser.add_argument("--only", nargs="*", default=None, help="overhead, memory, flexlora, bytes")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the default job for the overhead benchmark")
     parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--flex-memory-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--dense-modules", type=int, default=3, help="modules timed with the dense SVD reference")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.memory_child is not None:
         memory_child(args.memory_child, Path(args.child_out))
         return
+    if args.flex_memory_child is not None:
+        flexlora_memory_child(args.flex_memory_child, Path(args.child_out))
+        return
     out = Path(args.out)
-    chosen = set(args.only or ["overhead", "memory"])
+    chosen = set(args.only or ["overhead", "memory", "flexlora", "bytes"])
     if "overhead" in chosen:
         bench_overhead(out, args.rounds)
     if "memory" in chosen:
         bench_memory(out)
+    if "flexlora" in chosen:
+        bench_flexlora(out, args.dense_modules)
+    if "bytes" in chosen:
+        bench_bytes(out)
 
 
 if __name__ == "__main__":

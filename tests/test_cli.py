@@ -92,3 +92,19 @@ def test_console_script_exit_code(tmp_path: Path) -> None:
     result = subprocess.run([str(exe), "run", "method=nope", "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "unknown method" in result.stderr
+
+
+def test_dtype_flag_sets_the_wire_precision_and_summary_totals(cls_file: Path, tmp_path: Path, capsys) -> None:
+    import json
+
+    out = tmp_path / "bf16"
+    code, _, _ = run_cli(["run", *tiny_overrides(cls_file, rounds=2), "--dtype", "bfloat16", "--out", str(out)], capsys)
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert summary["wire_dtype"] == "bfloat16"
+    assert summary["total_bytes_up"] == sum(r["bytes_up"] for r in rows) == sum(summary["bytes_up_per_client"].values())
+    assert rows[-1]["cumulative_bytes_up"] == summary["total_bytes_up"]
+    assert (out / "plots" / "accuracy_vs_uplink_bytes.png").exists()
+    code, _, err = run_cli(["run", *tiny_overrides(cls_file), "--dtype", "int8", "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and "invalid choice" in err

@@ -49,6 +49,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedtune.rundir import RunDir, check_run_dir
 
     config_path, overrides = _split_config_and_overrides(args.items)
+    if args.dtype:
+        overrides.append(f"wire_dtype={args.dtype}")
     config = load_config(config_path, overrides)
     out = Path(args.out)
     check_run_dir(out, args.overwrite)
@@ -143,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("items", nargs="*", metavar="CONFIG.yaml|key=value", help="a config file and/or overrides")
     run.add_argument("--out", required=True, help="run directory to write")
     run.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    run.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="precision of what goes on the wire (wire_dtype)"
+    )
     run.set_defaults(func=cmd_run)
     sub.add_parser("methods", help="list the federated methods").set_defaults(func=cmd_methods)
     sub.add_parser("datasets", help="list the built-in datasets").set_defaults(func=cmd_datasets)

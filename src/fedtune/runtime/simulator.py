@@ -184,6 +184,10 @@ class Simulator:
             "final_train_loss": self.history[-1]["train_loss"] if self.history else None,
             "total_bytes_up": sum(r["bytes_up"] for r in self.history),
             "total_bytes_down": sum(r["bytes_down"] for r in self.history),
+            "bytes_up_per_client": _per_client_totals(self.history, "bytes_up_per_client"),
+            "bytes_down_per_client": _per_client_totals(self.history, "bytes_down_per_client"),
+            "wire_dtype": self.config.wire_dtype,
+            "client_ranks": self.config.client_ranks if self.method.uses_lora else None,
             "wall_seconds": wall_seconds,
             "train_seconds": sum(r["train_seconds"] for r in self.history),
             "compute_seconds": sum(r["compute_seconds"] for r in self.history),
@@ -222,3 +226,11 @@ class Simulator:
                 f.unlink()
             self.store.spill_dir.rmdir()
 
+
+
+def _per_client_totals(history: list[dict[str, Any]], field: str) -> dict[int, int]:
+    totals: dict[int, int] = {}
+    for row in history:
+        for client, n in row[field].items():
+            totals[int(client)] = totals.get(int(client), 0) + n
+    return dict(sorted(totals.items()))
