@@ -155,3 +155,19 @@ def test_local_file_needs_known_columns(tmp_path: Path) -> None:
 def test_unknown_name_offline_is_a_usage_error() -> None:
     with pytest.raises(UsageError, match="unknown dataset"):
         load_task("someone/some-dataset-that-is-not-here")
+
+
+@requires_shared_data
+def test_several_datasets_make_a_multi_task_federation() -> None:
+    from fedtune.data.sources import load_tasks
+
+    task = load_tasks(["glue/rte", "glue/mrpc"], str(shared_data_dir()))
+    assert task.natural_key == "task" and task.num_labels == 2
+    assert len(task.train) == 2490 + 3667
+    shards = partition(task.train, "natural", 2, "task")
+    assert sorted(len(set(s["task"])) for s in shards) == [1, 1]
+    assert sorted(len(s) for s in shards) == [2490, 3667]
+    with pytest.raises(UsageError, match="cannot combine classification and generation"):
+        load_tasks(["glue/rte", "gsm8k"], str(shared_data_dir()))
+    with pytest.raises(UsageError, match="equal label counts"):
+        load_tasks(["glue/rte", "20newsgroups"], str(shared_data_dir()))

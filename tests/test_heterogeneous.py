@@ -180,6 +180,14 @@ def test_flora_clients_track_the_merged_weights(cls_file: Path) -> None:
     merged = {k: v for k, v in sim.server.items() if k.endswith("base_layer.weight")}
     initial = sim.fed.initial_state(None)
     assert any(not torch.equal(v, initial[k]) for k, v in merged.items()), "updates were merged into W"
+    # local training moves only the fresh LoRA, never the merged weights
+    assert not [k for k in merged if sim.method.trains(k)]
+    fed = sim.fed
+    received = sim.method.download(sim.server, 0)
+    turn = client_turn(fed, 0, 9, received, sim.local_state(0))
+    after = fed.binding.read()
+    for key in merged:
+        assert torch.equal(after[key], turn.local[key])
     # a client brought up to date (by stack or dense weights) holds exactly the server's W
     for client in range(4):
         received = sim.method.download(sim.server, client)

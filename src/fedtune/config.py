@@ -42,7 +42,8 @@ class LoraSettings(_Section):
 class RunConfig(_Section):
     method: str = "fed-alora"
     model: str = "minilm"
-    dataset: str = "20newsgroups"
+    #: a name, file or Hub id; a list makes a multi-task federation (``partition=natural``: one task per client)
+    dataset: str | list[str] = "20newsgroups"
     #: a test file for a ``dataset`` given as a local file (else 10 % is split off)
     test_dataset: str | None = None
     data_dir: str | None = None

@@ -3,8 +3,9 @@
     config.yaml            the resolved configuration (re-runnable with `fedtune run config.yaml`)
     metrics.jsonl          one JSON object per round
     summary.json           final and best metrics, totals, timings
-    initial/state.safetensors   the trainable state before round 1 (for `fedtune analyze`)
-    adapter/               the global adapter in PEFT format (full-weight methods: model/)
+    initial/global.safetensors  the trainable state before round 1 (for `fedtune analyze`)
+    adapter/               the global adapter in PEFT format (full-weight methods: model/,
+                           FLoRA: merged/merged_weights.safetensors)
     clients/<id>/adapter/  personal adapters, for methods with local parts
     plots/*.png            metrics vs round, primary metric vs cumulative uplink bytes
 """

@@ -9,7 +9,7 @@ import datasets
 
 from fedtune.data.encode import Example, encode_classification, encode_generation, encode_scored
 from fedtune.data.partition import partition
-from fedtune.data.sources import FieldMap, TaskData, load_task
+from fedtune.data.sources import FieldMap, TaskData, load_tasks
 from fedtune.errors import UsageError
 
 
@@ -60,7 +60,7 @@ def plan_partitions(config: Any) -> PartitionPlan:
         prompt=config.prompt_field,
         response=config.response_field,
     )
-    task = load_task(config.dataset, config.data_dir, fields, config.task, config.seed, config.test_dataset)
+    task = load_tasks(config.dataset, config.data_dir, fields, config.task, config.seed, config.test_dataset)
     if config.task != "auto" and config.task != task.kind:
         raise UsageError(f"dataset {config.dataset!r} is a {task.kind} task, not {config.task}")
     train = _cap(task.train, config.max_train_examples, config.seed)

@@ -552,6 +552,54 @@ def resolve_data_dir(data_dir: str | None) -> Path | None:
     return Path(chosen).expanduser() if chosen else None
 
 
+def combine_tasks(tasks: list[TaskData]) -> TaskData:
+    """Several tasks as one federation's data, one ``task`` value per source: with
+    ``partition=natural`` each client gets one task (a multi-task federation).
+
+    Classification tasks must have the same number of labels (one head serves all); the
+    label names are kept when they agree, else replaced by their indices.
+    """
+    kinds = {t.kind for t in tasks}
+    if len(kinds) != 1:
+        raise UsageError(f"cannot combine classification and generation datasets ({', '.join(t.name for t in tasks)})")
+    metrics = {t.metric for t in tasks}
+    if len(metrics) != 1:
+        raise UsageError(f"combined datasets must share one metric, got {sorted(metrics)}")
+    kind = kinds.pop()
+    label_names = None
+    if kind == "classification":
+        sizes = {t.num_labels for t in tasks}
+        if len(sizes) != 1:
+            raise UsageError(f"combined classification datasets need equal label counts, got {sorted(sizes)}")
+        names = [tuple(t.label_names or ()) for t in tasks]
+        label_names = list(names[0]) if len(set(names)) == 1 else [str(i) for i in range(sizes.pop())]
+
+    def tagged(split: str) -> datasets.Dataset:
+        parts = [getattr(t, split).add_column("task", [t.name] * len(getattr(t, split))) for t in tasks]
+        return datasets.concatenate_datasets(parts)
+
+    return TaskData(
+        "+".join(t.name for t in tasks), kind, metrics.pop(), tagged("train"), tagged("test"),
+        label_names=label_names, natural_key="task", source=", ".join(t.source for t in tasks),
+    )  # fmt: skip
+
+
+def load_tasks(
+    datasets_: str | list[str],
+    data_dir: str | None = None,
+    fields: FieldMap = FieldMap(),
+    kind: str = "auto",
+    seed: int = 0,
+    test_dataset: str | None = None,
+) -> TaskData:
+    """One dataset, or several combined with a ``task`` column (see :func:`combine_tasks`)."""
+    if isinstance(datasets_, str):
+        return load_task(datasets_, data_dir, fields, kind, seed, test_dataset)
+    if len(datasets_) == 1:
+        return load_task(datasets_[0], data_dir, fields, kind, seed, test_dataset)
+    return combine_tasks([load_task(name, data_dir, fields, kind, seed) for name in datasets_])
+
+
 def load_task(
     dataset: str,
     data_dir: str | None = None,

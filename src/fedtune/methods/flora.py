@@ -87,6 +87,10 @@ class FLoRA(FederatedMethod):
             return "local"  # each client holds its merged copy of W
         return "shared"
 
+    def trains(self, key: str) -> bool:
+        # the merged W is held, never trained: local training only moves the fresh LoRA
+        return role_of(key) != ROLE_BASE and self.placement(key) != "frozen"
+
     def server_init(self, initial: State) -> State:
         server = clone({k: v for k, v in initial.items() if role_of(k) in (ROLE_BASE, ROLE_HEAD)})
         if self.head != "shared":
