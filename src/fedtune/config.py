@@ -39,6 +39,23 @@ class LoraSettings(_Section):
     init_seed_mode: Literal["shared", "per_client"] = "shared"
 
 
+class DPSettings(_Section):
+    """Central differential privacy on client updates (mean-aggregating methods only)."""
+
+    noise_multiplier: float = Field(0.0, ge=0, description="sigma; 0 disables DP")
+    clipping_norm: float = Field(1.0, gt=0, description="C: each client update is clipped to this L2 norm")
+    delta: float = Field(1e-5, gt=0, lt=1)
+
+
+class FlowerSettings(_Section):
+    """The distributed runtime (``fedtune flower ...``)."""
+
+    client_cpus: float = Field(1.0, gt=0, description="Ray resources per simulated client")
+    client_gpus: float = Field(0.0, ge=0)
+    ray_cpus: int | None = Field(None, gt=0, description="CPUs Ray may use (default: all)")
+    round_timeout: float = Field(3600.0, gt=0, description="seconds to wait for replies each round")
+
+
 class RunConfig(_Section):
     method: str = "fed-alora"
     model: str = "minilm"
@@ -87,6 +104,10 @@ class RunConfig(_Section):
     personalised_eval: bool = True
     max_new_tokens: int = Field(256, gt=0, description="generation budget for exact-match evaluation")
     store_memory_mb: float = Field(1024.0, ge=0, description="client state kept in RAM before spilling to disk")
+    min_replies: int = Field(1, gt=0, description="valid client replies needed to aggregate a round")
+    max_update_norm: float | None = Field(None, gt=0, description="replies with a larger L2 norm are dropped")
+    dp: DPSettings = DPSettings()
+    flower: FlowerSettings = FlowerSettings()
     progress: bool = True
 
     #: heterogeneous client ranks: a per-client list, or tiers {rank: share} assigned by seed

@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 #: per-round fields that are bookkeeping, not metrics
-NOT_METRICS = {"round", "num_examples"}
+NOT_METRICS = {"round", "num_examples", "replies", "dp_delta", "dp_noise_std"}
 
 
 def numeric_series(rows: Sequence[dict[str, Any]]) -> dict[str, tuple[list[int], list[float]]]:

@@ -19,14 +19,14 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from fedtune.config import RunConfig, dump_config
-from fedtune.methods import ClientUpload
 from fedtune.models.export import save_merged_weights
 from fedtune.plots import plot_run
 from fedtune.rundir import RunDir
 from fedtune.runtime.engine import Federation, client_turn, describe, sample_clients
+from fedtune.runtime.server import FederatedServer, Reply, round_row
 from fedtune.runtime.evaluation import PRIMARY_METRIC, evaluate
 from fedtune.runtime.store import ClientStateStore
-from fedtune.state import State, num_bytes, through_wire
+from fedtune.state import State, through_wire
 
 
 class Simulator:
@@ -37,9 +37,12 @@ class Simulator:
         self.run_dir = run_dir
         spill = (run_dir.path if run_dir else Path(tempfile.mkdtemp(prefix="fedtune-"))) / "client_state"
         self.store = ClientStateStore(int(self.config.store_memory_mb * 2**20), spill)
-        self.initial_server = self.method.server_init(fed.initial_state(None))
-        self.server: State = dict(self.initial_server)
+        self.server_side = FederatedServer(fed)
         self.history: list[dict[str, Any]] = []
+
+    @property
+    def server(self) -> State:
+        return self.server_side.state
 
     # -- client state -----------------------------------------------------------------------
     def local_state(self, client_id: int) -> State:
@@ -50,46 +53,30 @@ class Simulator:
 
     # -- one round --------------------------------------------------------------------------
     def run_round(self, round_num: int, step_bar: Callable[[], None] | None = None) -> dict[str, Any]:
-        fed, method, config = self.fed, self.method, self.config
+        fed, config, server = self.fed, self.config, self.server_side
         round_start = time.perf_counter()
-        sampled = sample_clients(config.clients, config.sampled_per_round, config.seed, round_num)
-        uploads: list[ClientUpload] = []
-        bytes_up: dict[int, int] = {}
+        sampled = server.sampled(round_num)
+        replies: list[Reply] = []
+        sent: dict[int, State] = {}
         bytes_down: dict[int, int] = {}
-        losses, compute = [], 0.0
+        compute = 0.0
         for client_id in sampled:
-            payload = method.download(self.server, client_id)
-            bytes_down[client_id] = num_bytes(payload, fed.wire_dtype)
-            received = through_wire(payload, fed.wire_dtype)
-            turn = client_turn(fed, client_id, round_num, received, self.local_state(client_id), on_step=step_bar)
+            sent[client_id], bytes_down[client_id] = server.payload(client_id)
+            turn = client_turn(fed, client_id, round_num, sent[client_id], self.local_state(client_id), on_step=step_bar)
             if turn.local:
                 self.store.put(client_id, turn.local)
             n_k = fed.data.clients[client_id].num_examples
-            uploads.append(ClientUpload(client_id, n_k, turn.upload))
-            bytes_up[client_id] = turn.bytes_up
-            losses.append((turn.result.loss, n_k))
+            replies.append(Reply(client_id, n_k, turn.upload, {"train_loss": turn.result.loss}))
             compute += turn.result.compute_seconds
         train_seconds = time.perf_counter() - round_start
         aggregate_start = time.perf_counter()
-        self.server = method.aggregate(self.server, uploads)
+        server_metrics = server.receive(round_num, replies, sent)
         aggregate_seconds = time.perf_counter() - aggregate_start
-
-        total_n = sum(n for _, n in losses)
-        row: dict[str, Any] = {
-            "round": round_num,
-            "method": method.name,
-            "clients": sampled,
-            "train_loss": sum(loss * n for loss, n in losses) / total_n,
-            "num_examples": total_n,
-            "bytes_up": sum(bytes_up.values()),
-            "bytes_down": sum(bytes_down.values()),
-            "bytes_up_per_client": bytes_up,
-            "bytes_down_per_client": bytes_down,
-        }
+        row = round_row(round_num, self.method.name, replies, bytes_down, fed.wire_dtype, server_metrics)
         eval_start = time.perf_counter()
         if round_num % config.eval_every == 0 or round_num == config.rounds:
             row.update(self.evaluate_global())
-            if method.has_local_parts and config.personalised_eval:
+            if self.method.has_local_parts and config.personalised_eval:
                 row.update({f"personal_{k}": v for k, v in self.evaluate_personal().items()})
         eval_seconds = time.perf_counter() - eval_start
         row.update(

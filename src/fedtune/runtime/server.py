@@ -1,0 +1,223 @@
+"""The server side of a federation, shared by the simulator and the Flower ServerApp.
+
+``FederatedServer`` holds the method's server state and does everything a server does
+between sending and receiving: sampling clients, building each client's payload, checking
+each reply against what that client should send (dropping bad ones), optional central DP
+(clipping + Gaussian noise + an RDP accountant), aggregation, and an atomic checkpoint
+after every round so a stopped run resumes exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedtune.errors import UsageError
+from fedtune.methods import ClientUpload
+from fedtune.runtime.engine import Federation, derive_seed, sample_clients
+from fedtune.runtime.safety import add_gaussian_noise, check_upload, clip_update
+from fedtune.state import State, is_bookkeeping, num_bytes, through_wire
+
+log = logging.getLogger("fedtune.server")
+
+#: methods whose aggregate is a (weighted) mean of the uploads, where central DP's
+#: "clip each update, noise the mean" is well defined
+LINEAR_METHODS = {"fedit", "ffa-lora", "fedsa-lora", "fed-alora", "fedavg-full", "fedavg-galore"}
+
+
+@dataclass
+class Reply:
+    """One client's answer to a training request, as the server received it."""
+
+    client_id: int
+    num_examples: int
+    tensors: State
+    metrics: dict[str, float] = field(default_factory=dict)
+    source: str = ""  # e.g. the Flower node id, for logs
+
+
+def round_row(
+    round_num: int,
+    method: str,
+    replies: list[Reply],
+    bytes_down: dict[int, int],
+    wire_dtype: torch.dtype,
+    server_metrics: dict[str, Any],
+) -> dict[str, Any]:
+    """The metrics.jsonl row of a round's training phase (every runtime writes the same)."""
+    total_n = sum(r.num_examples for r in replies)
+    losses = [(r.metrics.get("train_loss", float("nan")), r.num_examples) for r in replies]
+    bytes_up = {r.client_id: num_bytes(r.tensors, wire_dtype) for r in sorted(replies, key=lambda r: r.client_id)}
+    return {
+        "round": round_num,
+        "method": method,
+        "clients": sorted(bytes_down),
+        "train_loss": sum(loss * n for loss, n in losses) / total_n if total_n else float("nan"),
+        "num_examples": total_n,
+        "bytes_up": sum(bytes_up.values()),
+        "bytes_down": sum(bytes_down.values()),
+        "bytes_up_per_client": bytes_up,
+        "bytes_down_per_client": dict(sorted(bytes_down.items())),
+        **server_metrics,
+    }
+
+
+class FederatedServer:
+    def __init__(self, fed: Federation, checkpoint_dir: Path | None = None) -> None:
+        self.fed = fed
+        self.method = fed.method
+        self.config = fed.config
+        self.checkpoint_dir = checkpoint_dir
+        self.state: State = self.method.server_init(fed.initial_state(None))
+        self.completed_round = 0
+        self._expected: dict[tuple, State] = {}
+        self.accountant = self._make_accountant()
+        if self.config.dp.noise_multiplier > 0 and self.method.name not in LINEAR_METHODS:
+            raise UsageError(
+                f"central DP needs a mean-aggregating method ({', '.join(sorted(LINEAR_METHODS))}), not {self.method.name}"
+            )
+
+    # -- sending -----------------------------------------------------------------------------
+    def sampled(self, round_num: int) -> list[int]:
+        return sample_clients(self.config.clients, self.config.sampled_per_round, self.config.seed, round_num)
+
+    def payload(self, client_id: int) -> tuple[State, int]:
+        """What client ``client_id`` receives (as it arrives, in wire precision) and its bytes."""
+        payload = self.method.download(self.state, client_id)
+        return through_wire(payload, self.fed.wire_dtype), num_bytes(payload, self.fed.wire_dtype)
+
+    def client_start(self, client_id: int, received: State) -> State:
+        """The start state of a client with no local history (the server's view of it)."""
+        initial = self.fed.initial_state(client_id)
+        return self.method.client_start(received, self.method.client_init(initial), initial, client_id)
+
+    def expected_upload(self, client_id: int, received: State) -> State:
+        """An upload of the right keys, shapes and dtypes for this client (cached by shapes)."""
+        signature = (self.fed.rank_of(client_id), tuple((k, tuple(v.shape)) for k, v in sorted(received.items())))
+        if signature not in self._expected:
+            start = self.client_start(client_id, received)
+            trained = {k: v for k, v in start.items()}
+            upload, _ = self.method.client_finish(trained, start)
+            self._expected[signature] = {k: v.detach().clone() for k, v in upload.items()}
+        return self._expected[signature]
+
+    # -- receiving ---------------------------------------------------------------------------
+    def check(self, reply: Reply, received: State) -> str | None:
+        expected = self.expected_upload(reply.client_id, received)
+        if reply.num_examples <= 0:
+            return f"num_examples={reply.num_examples}"
+        return check_upload(
+            reply.tensors,
+            expected,
+            max_components=self.config.server_rank if self.method.uses_lora else None,
+            shrinkable_rank=self.method.name == "hetlora" and self.config.hetlora.self_pruning,
+            max_norm=self.config.max_update_norm,
+        )
+
+    def receive(self, round_num: int, replies: list[Reply], sent: dict[int, State]) -> dict[str, Any]:
+        """Check, (privatise,) aggregate. Returns the round's server-side metrics."""
+        accepted: list[Reply] = []
+        rejected: dict[int, str] = {}
+        for reply in sorted(replies, key=lambda r: r.client_id):
+            reason = self.check(reply, sent[reply.client_id])
+            if reason is None:
+                accepted.append(reply)
+            else:
+                rejected[reply.client_id] = reason
+                log.warning("round %d: dropped reply of client %d (%s): %s", round_num, reply.client_id, reply.source, reason)
+        metrics: dict[str, Any] = {
+            "replies": len(replies),
+            "rejected_replies": len(rejected),
+            "rejected": {str(k): v for k, v in rejected.items()},
+        }
+        minimum = self.config.min_replies
+        if len(accepted) < minimum:
+            log.warning("round %d: %d valid replies < min_replies=%d; server state unchanged", round_num, len(accepted), minimum)
+            metrics["aggregated"] = False
+            self.completed_round = round_num
+            return metrics
+        uploads = [ClientUpload(r.client_id, r.num_examples, r.tensors) for r in accepted]
+        if self.config.dp.noise_multiplier > 0:
+            metrics.update(self._aggregate_private(round_num, uploads, sent))
+        else:
+            self.state = self.method.aggregate(self.state, uploads)
+        metrics["aggregated"] = True
+        self.completed_round = round_num
+        return metrics
+
+    # -- central differential privacy --------------------------------------------------------
+    def _make_accountant(self) -> Any:
+        dp = self.config.dp
+        if dp.noise_multiplier <= 0:
+            return None
+        from flwr.serverapp import RdpAccountant
+        from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
+
+        sampling = SamplingMethod.WITHOUT_REPLACEMENT if self.config.sampled_per_round < self.config.clients else SamplingMethod.NO_AMPLIFICATION
+        relation = NeighboringRelation.REPLACE_ONE if sampling == SamplingMethod.WITHOUT_REPLACEMENT else NeighboringRelation.ADD_OR_REMOVE_ONE
+        return RdpAccountant(PrivacyConfig(dp.delta, self.config.clients, relation, sampling))
+
+    def _aggregate_private(self, round_num: int, uploads: list[ClientUpload], sent: dict[int, State]) -> dict[str, Any]:
+        """Clip each client's update to C, average with equal weights, add N(0, (sigma C / K)^2)."""
+        from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
+
+        dp = self.config.dp
+        clipped_uploads, clipped = [], 0
+        for upload in uploads:
+            start = self.client_start(upload.client_id, sent[upload.client_id])
+            reference = {k: start[k] for k in upload.tensors}
+            tensors, was_clipped = clip_update(upload.tensors, reference, dp.clipping_norm)
+            clipped += was_clipped
+            # equal weights: the accountant's sensitivity analysis assumes them
+            clipped_uploads.append(ClientUpload(upload.client_id, 1, tensors))
+        self.state = self.method.aggregate(self.state, clipped_uploads)
+        std = dp.noise_multiplier * dp.clipping_norm / len(uploads)
+        generator = torch.Generator().manual_seed(derive_seed(self.config.seed, round_num, 0xD9))
+        keys = sorted(uploads[0].tensors)
+        self.state = add_gaussian_noise(self.state, keys, std, generator)
+        self.accountant.compose(GaussianPrivacyEvent(dp.noise_multiplier, len(uploads), self.config.clients))
+        epsilon = float(self.accountant.get_epsilon(dp.delta))
+        return {"dp_clipped": clipped, "dp_noise_std": std, "dp_epsilon": epsilon, "dp_delta": dp.delta}
+
+    # -- checkpoints -------------------------------------------------------------------------
+    @property
+    def checkpoint_file(self) -> Path | None:
+        return self.checkpoint_dir / "server.safetensors" if self.checkpoint_dir else None
+
+    def save_checkpoint(self) -> None:
+        """Atomic: write a temporary file, then rename it over the previous checkpoint."""
+        if self.checkpoint_file is None:
+            return
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+        metadata = {"completed_round": str(self.completed_round), "method": self.method.name}
+        if self.accountant is not None:
+            metadata["accountant"] = json.dumps(self.accountant.state_dict())
+        tmp = self.checkpoint_file.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in self.state.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, self.checkpoint_file)
+
+    def load_checkpoint(self) -> int:
+        """Restore the last complete round's state; returns that round (0: no checkpoint)."""
+        if self.checkpoint_file is None or not self.checkpoint_file.exists():
+            return 0
+        from safetensors import safe_open
+
+        with safe_open(str(self.checkpoint_file), "pt") as f:
+            metadata = f.metadata() or {}
+        if metadata.get("method") != self.method.name:
+            raise UsageError(f"checkpoint is from method {metadata.get('method')!r}, not {self.method.name!r}")
+        self.state = load_file(str(self.checkpoint_file))
+        self.completed_round = int(metadata["completed_round"])
+        if self.accountant is not None and "accountant" in metadata:
+            self.accountant.load_state_dict(json.loads(metadata["accountant"]))
+        return self.completed_round
+
+    def model_state(self) -> State:
+        return {k: v for k, v in self.state.items() if not is_bookkeeping(k)}
