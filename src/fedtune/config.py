@@ -54,6 +54,20 @@ class FlowerSettings(_Section):
     client_gpus: float = Field(0.0, ge=0)
     ray_cpus: int | None = Field(None, gt=0, description="CPUs Ray may use (default: all)")
     round_timeout: float = Field(3600.0, gt=0, description="seconds to wait for replies each round")
+    #: testing aid for the server's defences: "KIND:CLIENT" with KIND one of crash, nan,
+    #: extra_key, wrong_shape, wrong_dtype, huge (that client misbehaves every round)
+    inject_faults: list[str] = []
+
+
+    @field_validator("inject_faults")
+    @classmethod
+    def _check_faults(cls, value: list[str]) -> list[str]:
+        kinds = ("crash", "nan", "extra_key", "wrong_shape", "wrong_dtype", "huge")
+        for item in value:
+            kind, _, client = item.partition(":")
+            if kind not in kinds or not client.isdigit():
+                raise ValueError(f"fault {item!r} is not KIND:CLIENT with KIND in {', '.join(kinds)}")
+        return value
 
 
 class RunConfig(_Section):

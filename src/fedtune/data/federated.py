@@ -85,7 +85,7 @@ def plan_partitions(config: Any) -> PartitionPlan:
     return PartitionPlan(task, client_train, client_test, _cap(task.test, config.max_eval_examples, config.seed))
 
 
-def encode_plan(plan: PartitionPlan, tokenizer: Any, max_seq_len: int) -> FederatedData:
+def _encoders(plan: PartitionPlan, tokenizer: Any, max_seq_len: int):
     task = plan.task
     scored = task.metric in ("multiple_choice", "exact_match")
 
@@ -99,8 +99,25 @@ def encode_plan(plan: PartitionPlan, tokenizer: Any, max_seq_len: int) -> Federa
     def encode_scored_rows(rows: datasets.Dataset) -> list[Example]:
         return encode_scored(rows, tokenizer, max_seq_len) if scored and len(rows) else []
 
+    return encode, encode_scored_rows
+
+
+def encode_client(plan: PartitionPlan, tokenizer: Any, max_seq_len: int, client_id: int) -> ClientData:
+    """One client's tokenised shard: training rows and its own test split."""
+    encode, encode_scored_rows = _encoders(plan, tokenizer, max_seq_len)
+    test = plan.client_test[client_id]
+    return ClientData(client_id, encode(plan.client_train[client_id]), encode(test), encode_scored_rows(test))
+
+
+def encode_plan(
+    plan: PartitionPlan, tokenizer: Any, max_seq_len: int, only_clients: set[int] | None = None, global_test: bool = True
+) -> FederatedData:
+    """Tokenise the plan. A Flower client encodes only its own shard (``only_clients``) and
+    the server only the global test set; ``None`` encodes every client."""
+    encode, encode_scored_rows = _encoders(plan, tokenizer, max_seq_len)
     clients = [
-        ClientData(i, encode(train), encode(test), encode_scored_rows(test))
-        for i, (train, test) in enumerate(zip(plan.client_train, plan.client_test))
+        encode_client(plan, tokenizer, max_seq_len, i) if only_clients is None or i in only_clients else ClientData(i, [])
+        for i in range(len(plan.client_train))
     ]
-    return FederatedData(task, clients, encode(plan.test), encode_scored_rows(plan.test), plan.client_train)
+    test_rows = plan.test if global_test else plan.test.select([])
+    return FederatedData(plan.task, clients, encode(test_rows), encode_scored_rows(test_rows), plan.client_train)

@@ -116,8 +116,13 @@ def bind_model(method: FederatedMethod, loaded: LoadedModel, task_kind: str, con
     return bind_lora(loaded, task_kind, config.lora, ranks, bind_base=method.binds_base_weights)
 
 
-def build_federation(config: RunConfig, plan: PartitionPlan | None = None) -> Federation:
-    """Data first (cheap, validates input), then the model, then bind parameters."""
+def build_federation(
+    config: RunConfig, plan: PartitionPlan | None = None, only_clients: set[int] | None = None, global_test: bool = True
+) -> Federation:
+    """Data first (cheap, validates input), then the model, then bind parameters.
+
+    ``only_clients`` / ``global_test`` limit tokenisation to what a process needs (a Flower
+    client its own shard, the Flower server the global test set)."""
     set_determinism(config)
     plan = plan or plan_partitions(config)
     task = plan.task
@@ -126,7 +131,7 @@ def build_federation(config: RunConfig, plan: PartitionPlan | None = None) -> Fe
     loaded = load_model(config.model, task.kind, task.num_labels, seed=config.seed)
     binding = bind_model(method, loaded, task.kind, config)
     binding.to(device)
-    data = encode_plan(plan, loaded.tokenizer, config.max_seq_len)
+    data = encode_plan(plan, loaded.tokenizer, config.max_seq_len, only_clients, global_test)
     return Federation(config, method, data, loaded, binding, device, WIRE_DTYPES[config.wire_dtype])
 
 
