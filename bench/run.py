@@ -11,6 +11,9 @@
   modules vs the dense SVD reference on a few, per-module time and peak extra memory
   (target: >= 50x faster, memory O((d_in + d_out) R)).
 
+- ``flower``: round time of the same MiniLM job on Flower's simulation engine vs the
+  simulator, and how often each Flower client process loaded the model.
+
 Usage: python bench/run.py [--out DIR] [--only NAME ...]
 """
 
@@ -296,10 +299,49 @@ def bench_bytes(out: Path) -> None:
     )
 
 
+def bench_flower(out: Path) -> None:
+    """Round time of the same job on the Flower simulation engine and in the simulator."""
+    from fedtune.config import load_config
+    from fedtune.runtime.engine import build_federation
+    from fedtune.runtime.flower.simulate import simulate
+    from fedtune.runtime.simulator import Simulator
+
+    overrides = ["rounds=5", "local_steps=2", "max_eval_examples=100", "personalised_eval=false", "progress=false",
+                 "flower.client_cpus=2", "method=fedit"]  # fmt: skip
+    config = load_config(DEMO, overrides)
+    simulator = Simulator(build_federation(config))
+    simulator.run()
+    flower_dir = out / "tmp" / "flower-run"
+    start = time.perf_counter()
+    simulate(config, flower_dir, overwrite=True)
+    flower_wall = time.perf_counter() - start
+    from fedtune.rundir import read_metrics
+
+    flower_rows = read_metrics(flower_dir)
+    sim_rounds = [r["train_seconds"] + r["aggregate_seconds"] for r in simulator.history]
+    flower_rounds = [r["train_seconds"] for r in flower_rows]
+    write(
+        out,
+        "flower_vs_simulator",
+        {
+            "job": "configs/demo.yaml with method=fedit, 10 clients, 5 rounds, local_steps=2 (MiniLM)",
+            "definition": "round = sending, local training of every sampled client, receiving, aggregating (evaluation apart)",
+            "simulator_round_seconds": sim_rounds,
+            "flower_round_seconds": flower_rounds,
+            "simulator_mean_round_seconds": sum(sim_rounds) / len(sim_rounds),
+            "flower_mean_round_seconds": sum(flower_rounds) / len(flower_rounds),
+            "flower_mean_round_seconds_after_first": sum(flower_rounds[1:]) / len(flower_rounds[1:]),
+            "ratio_flower_over_simulator": (sum(flower_rounds) / len(flower_rounds)) / (sum(sim_rounds) / len(sim_rounds)),
+            "flower_wall_seconds_including_ray_start": flower_wall,
+            "flower_model_loads_per_process_by_round": [r["model_loads"] for r in flower_rows],
+        },
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    parser.add_argument("--only", nargs="*", default=None, help="overhead, memory, flexlora, bytes")
+    parser.add_argument("--only", nargs="*", default=None, help="overhead, memory, flexlora, bytes, flower")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the default job for the overhead benchmark")
     parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
@@ -314,7 +356,7 @@ def main() -> None:
         flexlora_memory_child(args.flex_memory_child, Path(args.child_out))
         return
     out = Path(args.out)
-    chosen = set(args.only or ["overhead", "memory", "flexlora", "bytes"])
+    chosen = set(args.only or ["overhead", "memory", "flexlora", "bytes", "flower"])
     if "overhead" in chosen:
         bench_overhead(out, args.rounds)
     if "memory" in chosen:
@@ -323,6 +365,8 @@ def main() -> None:
         bench_flexlora(out, args.dense_modules)
     if "bytes" in chosen:
         bench_bytes(out)
+    if "flower" in chosen:
+        bench_flower(out)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,31 @@ def plan_partitions(config: Any) -> PartitionPlan:
     return PartitionPlan(task, client_train, client_test, _cap(task.test, config.max_eval_examples, config.seed))
 
 
+def plan_own_data(config: Any, client_id: int, path: str) -> PartitionPlan:
+    """The plan of a client that brings its own data file (a deployed data holder): its
+    rows are client ``client_id``'s shard (minus a held-out local test split); the other
+    clients' shards are empty here, since they live on other machines."""
+    fields = FieldMap(
+        text=config.text_field,
+        text_pair=config.text_pair_field,
+        label=config.label_field,
+        prompt=config.prompt_field,
+        response=config.response_field,
+    )
+    task = load_tasks(path, None, fields, config.task, config.seed)
+    # the file is all this holder has: its local test split comes out of every row
+    train = _cap(datasets.concatenate_datasets([task.train, task.test]), config.max_train_examples, config.seed)
+    n_test = int(len(train) * config.local_test_fraction)
+    test = train.select([])
+    if n_test >= 1 and len(train) - n_test >= 1:
+        parts = train.train_test_split(test_size=n_test, seed=config.seed + client_id)
+        train, test = parts["train"], _cap(parts["test"], config.max_client_eval_examples, config.seed)
+    empty = train.select([])
+    client_train = [train if i == client_id else empty for i in range(config.clients)]
+    client_test = [test if i == client_id else empty for i in range(config.clients)]
+    return PartitionPlan(task, client_train, client_test, task.test.select([]))
+
+
 def _encoders(plan: PartitionPlan, tokenizer: Any, max_seq_len: int):
     task = plan.task
     scored = task.metric in ("multiple_choice", "exact_match")

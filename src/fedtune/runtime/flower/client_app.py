@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 import torch
 
 from fedtune.config import RunConfig
-from fedtune.data.federated import encode_client, plan_partitions
+from fedtune.data.federated import encode_client, plan_own_data, plan_partitions
 from fedtune.runtime.engine import Federation, build_federation, client_turn
 from fedtune.runtime.evaluation import evaluate
 from fedtune.runtime.flower.records import from_record, to_record
@@ -55,17 +55,23 @@ def _config_from(message: Message) -> tuple[RunConfig, dict[str, Any]]:
     return config, dict(settings)
 
 
-def federation_for(config: RunConfig, client_id: int, data_dir: str | None) -> Federation:
-    """The process's federation for ``config``, with client ``client_id``'s shard encoded."""
+def federation_for(config: RunConfig, client_id: int, node_config: Any) -> Federation:
+    """The process's federation for ``config``, with client ``client_id``'s shard encoded.
+
+    The node's ``node_config`` may name ``data-dir`` (the shared datasets' folder on this
+    machine; the shard is then the partition ``client_id`` of the run's dataset) or
+    ``dataset`` (this data holder's own file, used whole as its shard).
+    """
     global MODEL_LOADS
-    if data_dir:
-        config = config.model_copy(update={"data_dir": data_dir})
-    digest = hashlib.sha256(config.model_dump_json().encode()).hexdigest()
+    if node_config.get("data-dir"):
+        config = config.model_copy(update={"data_dir": str(node_config["data-dir"])})
+    own_data = node_config.get("dataset")
+    digest = hashlib.sha256((config.model_dump_json() + str(own_data)).encode()).hexdigest()
     if digest not in _FEDERATIONS:
         start = time.perf_counter()
         if config.threads is None:
             torch.set_num_threads(max(1, int(config.flower.client_cpus)))
-        plan = plan_partitions(config)
+        plan = plan_own_data(config, client_id, str(own_data)) if own_data else plan_partitions(config)
         _FEDERATIONS[digest] = (build_federation(config, plan, only_clients=set(), global_test=False), plan)
         MODEL_LOADS += 1
         log.info("fedtune: model loaded in pid %d (load %d of this process, %.1f s)", os.getpid(), MODEL_LOADS, time.perf_counter() - start)
@@ -156,7 +162,7 @@ def train(message: Message, context: Context) -> Message:
     config, settings = _config_from(message)
     client_id = _client_id(context, settings)
     round_num = int(settings["server-round"])
-    fed = federation_for(config, client_id, context.node_config.get("data-dir"))
+    fed = federation_for(config, client_id, context.node_config)
     received = from_record(message.content["arrays"])
     local = load_local(context, settings, client_id, round_num, fed)
     turn = client_turn(fed, client_id, round_num, received, local)
@@ -181,7 +187,7 @@ def personal_evaluate(message: Message, context: Context) -> Message:
     config, settings = _config_from(message)
     client_id = _client_id(context, settings)
     round_num = int(settings["server-round"])
-    fed = federation_for(config, client_id, context.node_config.get("data-dir"))
+    fed = federation_for(config, client_id, context.node_config)
     received = from_record(message.content["arrays"])
     local = load_local(context, settings, client_id, round_num + 1, fed)
     state = fed.method.personal_state(received, local, fed.initial_state(client_id), client_id)
