@@ -171,3 +171,19 @@ def test_several_datasets_make_a_multi_task_federation() -> None:
         load_tasks(["glue/rte", "gsm8k"], str(shared_data_dir()))
     with pytest.raises(UsageError, match="equal label counts"):
         load_tasks(["glue/rte", "20newsgroups"], str(shared_data_dir()))
+
+
+def test_classification_encoding_mixes_single_sentences_and_pairs() -> None:
+    from fedtune.data.encode import encode_classification
+
+    rows = datasets.Dataset.from_dict(
+        {"text": ["a b", "c d", "e"], "text_pair": [None, "x y", None], "label": [0, 1, 0]},
+        features=datasets.Features(
+            {"text": datasets.Value("string"), "text_pair": datasets.Value("string"), "label": datasets.Value("int64")}
+        ),
+    )
+    tokenizer = load_model("tiny-bert", "classification", num_labels=2).tokenizer
+    examples = encode_classification(rows, tokenizer, 32)
+    assert [e.labels for e in examples] == [0, 1, 0]
+    assert tokenizer.decode(examples[1].input_ids).count("[SEP]") == 2
+    assert tokenizer.decode(examples[0].input_ids).count("[SEP]") == 1

@@ -45,3 +45,16 @@ def test_galore_ignores_heads_and_biases(cls_file: Path) -> None:
     fed = build_federation(load_config(None, tiny_overrides(cls_file, method="fedavg-galore")))
     assert not [k for k in fed.binding.matrix_keys if k.startswith("classifier") or k.endswith("bias")]
     assert [k for k in fed.binding.params if k.startswith("classifier")], "the head is trained and averaged"
+
+
+def test_client_training_memory_is_reported_and_galore_is_smaller(cls_file: Path) -> None:
+    from helpers import run_tiny
+
+    full, _ = run_tiny(tiny_overrides(cls_file, method="fedavg-full", rounds=1))
+    galore, _ = run_tiny(tiny_overrides(cls_file, method="fedavg-galore", rounds=1, **{"galore.rank": 2}))
+    lora, _ = run_tiny(tiny_overrides(cls_file, method="fedit", rounds=1))
+    memory = {name: sim.history[0]["client_train_state_bytes"] for name, sim in (("full", full), ("galore", galore), ("lora", lora))}
+    assert memory["lora"] < memory["galore"] < memory["full"]
+    params = sum(p.numel() * 4 for k, p in full.fed.binding.params.items())
+    step_counters = 8 * len(full.fed.binding.params)  # AdamW keeps one scalar step per tensor
+    assert 4 * params <= memory["full"] <= 4 * params + step_counters  # values, gradients, two moments

@@ -116,6 +116,8 @@ class RunConfig(_Section):
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: all cores)")
     eval_every: int = Field(1, gt=0)
     personalised_eval: bool = True
+    #: with heterogeneous ranks: also evaluate the model the lowest-rank client receives
+    lowrank_eval: bool = False
     max_new_tokens: int = Field(256, gt=0, description="generation budget for exact-match evaluation")
     store_memory_mb: float = Field(1024.0, ge=0, description="client state kept in RAM before spilling to disk")
     min_replies: int = Field(1, gt=0, description="valid client replies needed to aggregate a round")

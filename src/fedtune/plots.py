@@ -20,7 +20,7 @@ def numeric_series(rows: Sequence[dict[str, Any]]) -> dict[str, tuple[list[int],
     series: dict[str, tuple[list[int], list[float]]] = {}
     for row in rows:
         for key, value in row.items():
-            bookkeeping = key.endswith("seconds") or key.startswith(("bytes", "cumulative_"))
+            bookkeeping = key.endswith(("seconds", "_bytes")) or key.startswith(("bytes", "cumulative_"))
             if key in NOT_METRICS or bookkeeping or isinstance(value, bool):
                 continue
             if isinstance(value, (int, float)):

@@ -88,13 +88,23 @@ def _fit(prompt: list[int], response: list[int], max_len: int) -> tuple[list[int
 
 
 def encode_classification(rows: datasets.Dataset, tokenizer: Any, max_len: int) -> list[Example]:
-    pairs = list(rows["text_pair"])
-    has_pairs = any(p is not None for p in pairs)
-    texts = list(rows["text"])
-    encoded = tokenizer(
-        texts, pairs if has_pairs else None, truncation=True, max_length=max_len, add_special_tokens=True
-    )["input_ids"]
-    return [Example(torch.tensor(ids, dtype=torch.long), int(label)) for ids, label in zip(encoded, list(rows["label"]))]
+    """Single sentences and sentence pairs (a multi-task federation mixes both)."""
+    texts, pairs, labels = list(rows["text"]), list(rows["text_pair"]), list(rows["label"])
+    ids: list[list[int] | None] = [None] * len(texts)
+    for paired in (False, True):
+        chosen = [i for i, p in enumerate(pairs) if (p is not None) == paired]
+        if not chosen:
+            continue
+        encoded = tokenizer(
+            [texts[i] for i in chosen],
+            [pairs[i] for i in chosen] if paired else None,
+            truncation=True,
+            max_length=max_len,
+            add_special_tokens=True,
+        )["input_ids"]
+        for i, row_ids in zip(chosen, encoded):
+            ids[i] = row_ids
+    return [Example(torch.tensor(row_ids, dtype=torch.long), int(label)) for row_ids, label in zip(ids, labels)]
 
 
 def encode_generation(rows: datasets.Dataset, tokenizer: Any, max_len: int) -> list[Example]:

@@ -28,6 +28,8 @@ class LocalResult:
     tokens: int
     #: seconds inside forward, backward and optimizer steps (the "useful" work)
     compute_seconds: float
+    #: training memory beyond the frozen model: trainable values + gradients + optimizer state
+    train_state_bytes: int = 0
 
 
 def steps_for(num_examples: int, batch_size: int, local_steps: int | None, local_epochs: float | None) -> int:
@@ -101,4 +103,16 @@ def train_locally(
         if on_step is not None:
             on_step()
     model.eval()
-    return LocalResult(total_loss / max(steps, 1), steps, total_examples, total_tokens, compute)
+    memory = 2 * sum(p.numel() * p.element_size() for p in trainable) + optimizer_state_bytes(optimizer)
+    return LocalResult(total_loss / max(steps, 1), steps, total_examples, total_tokens, compute, memory)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the optimizer's state tensors (GaLore's projection matrices included)."""
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            tensor = getattr(value, "ortho_matrix", value)  # GaLore keeps its projector in an object
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total

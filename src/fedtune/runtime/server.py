@@ -65,6 +65,7 @@ def round_row(
         "bytes_down": sum(bytes_down.values()),
         "bytes_up_per_client": bytes_up,
         "bytes_down_per_client": dict(sorted(bytes_down.items())),
+        "client_train_state_bytes": max((int(r.metrics.get("train_state_bytes", 0)) for r in replies), default=0),
         **server_metrics,
     }
 

@@ -66,7 +66,9 @@ class Simulator:
             if turn.local:
                 self.store.put(client_id, turn.local)
             n_k = fed.data.clients[client_id].num_examples
-            replies.append(Reply(client_id, n_k, turn.upload, {"train_loss": turn.result.loss}))
+            replies.append(
+                Reply(client_id, n_k, turn.upload, {"train_loss": turn.result.loss, "train_state_bytes": turn.result.train_state_bytes})
+            )
             compute += turn.result.compute_seconds
         train_seconds = time.perf_counter() - round_start
         aggregate_start = time.perf_counter()
@@ -76,6 +78,8 @@ class Simulator:
         eval_start = time.perf_counter()
         if round_num % config.eval_every == 0 or round_num == config.rounds:
             row.update(self.evaluate_global())
+            if config.lowrank_eval and len(set(config.client_ranks)) > 1:
+                row.update({f"lowrank_{k}": v for k, v in self.evaluate_lowrank().items()})
             if self.method.has_local_parts and config.personalised_eval:
                 row.update({f"personal_{k}": v for k, v in self.evaluate_personal().items()})
         eval_seconds = time.perf_counter() - eval_start
@@ -104,6 +108,15 @@ class Simulator:
 
     def evaluate_global(self) -> dict[str, float]:
         return self._evaluate_state(self.global_state(), self.fed.data.test, self.fed.data.scored_test)
+
+    def evaluate_lowrank(self) -> dict[str, float]:
+        """The global model as the lowest-rank client receives it (its start state), on the
+        global test set: what heterogeneous methods lose when they hand the model down."""
+        ranks = self.config.client_ranks
+        client_id = ranks.index(min(ranks))
+        received = through_wire(self.method.download(self.server, client_id), self.fed.wire_dtype)
+        state = self.server_side.client_start(client_id, received)
+        return self._evaluate_state(state, self.fed.data.test, self.fed.data.scored_test)
 
     def personal_state(self, client_id: int) -> State:
         received = through_wire(self.method.download(self.server, client_id), self.fed.wire_dtype)

@@ -174,6 +174,7 @@ def train(message: Message, context: Context) -> Message:
             "client-id": client_id,
             "train_loss": turn.result.loss,
             "compute_seconds": turn.result.compute_seconds,
+            "train_state_bytes": turn.result.train_state_bytes,
             "model-loads": MODEL_LOADS,
             "pid": os.getpid(),
         }

@@ -102,7 +102,11 @@ class FedtuneStrategy(Strategy):
                     int(metrics["client-id"]),
                     int(metrics["num-examples"]),
                     from_record(reply.content["arrays"]),
-                    {"train_loss": float(metrics["train_loss"]), "compute_seconds": float(metrics["compute_seconds"])},
+                    {
+                        "train_loss": float(metrics["train_loss"]),
+                        "compute_seconds": float(metrics["compute_seconds"]),
+                        "train_state_bytes": int(metrics.get("train_state_bytes", 0)),
+                    },
                     source=f"node {node}",
                 )
             )
