@@ -4,6 +4,9 @@
     fedtune methods
     fedtune datasets
     fedtune analyze RUN_DIR [--against RUN_DIR2] [--out DIR]
+    fedtune multitask [CONFIG.yaml] [key=value ...] --out DIR [--overwrite]
+    fedtune flower simulate|app|tls|node-key ...   (see runtime/flower/commands.py)
+    fedtune study STUDY --out DIR [--size cpu|gpu] [--seeds ...] [--report docs/results]
 
 Exit codes: 0 success, 2 invalid input (one line on stderr), 1 runtime failure.
 """
@@ -67,23 +70,26 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def format_summary(summary: dict[str, Any], out: Path) -> str:
+    """The table printed at the end of a run (fields a runtime did not record are left out)."""
     rows = [
-        ("method", summary["method"]),
+        ("method", summary["method"] + (f" ({summary['runtime']})" if summary.get("runtime") else "")),
         ("model / dataset", f"{summary['model']} / {summary['dataset']}"),
         ("rounds x clients", f"{summary['rounds']} x {summary['clients']}"),
     ]
-    for key, value in summary["final"].items():
+    for key, value in summary.get("final", {}).items():
         rows.append((f"final {key}", f"{value:.4f}" if isinstance(value, float) else str(value)))
-    best = summary["best"]
+    best = summary.get("best", {})
     if best.get("round") is not None:
         rows.append((f"best {summary['primary_metric']}", f"{best[summary['primary_metric']]:.4f} (round {best['round']})"))
-    rows += [
-        ("trainable / shared params", f"{summary['trainable_params']:,} / {summary['shared_params']:,}"),
-        ("uplink total", _human_bytes(summary["total_bytes_up"])),
-        ("downlink total", _human_bytes(summary["total_bytes_down"])),
-        ("wall time", f"{summary['wall_seconds']:.1f} s"),
-        ("run directory", str(out)),
-    ]
+    rows.append(("trainable / shared params", f"{summary['trainable_params']:,} / {summary['shared_params']:,}"))
+    rows.append(("uplink total", _human_bytes(summary["total_bytes_up"])))
+    rows.append(("downlink total", _human_bytes(summary["total_bytes_down"])))
+    for key in ("failed_replies", "rejected_replies"):
+        if summary.get(key):
+            rows.append((key.replace("_", " "), str(summary[key])))
+    if "wall_seconds" in summary:
+        rows.append(("wall time", f"{summary['wall_seconds']:.1f} s"))
+    rows.append(("run directory", str(out)))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -138,6 +144,26 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_multitask(args: argparse.Namespace) -> int:
+    """Centralised multi-task fine-tuning: ALoRA, HydraLoRA or plain LoRA over several tasks."""
+    from fedtune.multitask.config import load_multitask_config
+    from fedtune.multitask.data import load_task_rows
+    from fedtune.multitask.report import format_table
+    from fedtune.multitask.train import prepare, run_multitask
+    from fedtune.rundir import RunDir, check_run_dir
+
+    config_path, overrides = _split_config_and_overrides(args.items)
+    config = load_multitask_config(config_path, overrides)
+    out = Path(args.out)
+    check_run_dir(out, args.overwrite)
+    rows = load_task_rows(config)  # bad data input fails here, before any model loads
+    job = prepare(config, rows)
+    run_dir = RunDir.create(out, args.overwrite)
+    summary = run_multitask(job, run_dir)
+    print(format_table(summary, out))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedtune", description="Federated fine-tuning of large language models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -159,6 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--top-j", type=int, help="singular vectors kept on the right of each pair (default: full rank)")
     analyze.add_argument("--dw-side", choices=("column", "row"), default="column", help="compare ΔW's column or row spaces")
     analyze.set_defaults(func=cmd_analyze)
+    multitask = sub.add_parser("multitask", help="centralised multi-task fine-tuning: ALoRA, HydraLoRA or LoRA")
+    multitask.add_argument("items", nargs="*", metavar="CONFIG.yaml|key=value", help="a config file and/or overrides")
+    multitask.add_argument("--out", required=True, help="run directory to write")
+    multitask.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    multitask.set_defaults(func=cmd_multitask)
+    from fedtune.runtime.flower.commands import add_flower_commands
+    from fedtune.studies.command import add_study_command
+
+    add_flower_commands(sub, _Parser)
+    add_study_command(sub)
     return parser
 
 

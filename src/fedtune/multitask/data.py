@@ -1,0 +1,116 @@
+"""The tasks of a multi-task run: their rows (loaded first, to validate input cheaply) and tokens.
+
+Caps are applied after a seeded shuffle, so ``max_train_examples_per_task=2000`` keeps a random
+2000 rows of SST-2, not its first 2000. Evaluation uses each task's test split (GLUE: the dev
+split; Dolly: the held-out ``global_test.json`` rows of the category).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import datasets
+
+from fedtune.data.encode import Example, encode_classification, encode_generation
+from fedtune.data.sources import Kind, TaskData, load_task
+from fedtune.errors import UsageError
+from fedtune.multitask.config import MultiTaskConfig
+
+
+@dataclass
+class TaskRows:
+    name: str
+    train: datasets.Dataset
+    test: datasets.Dataset
+    #: classification: the task's own number of labels (its head's width); generation: 0
+    num_labels: int
+
+
+@dataclass
+class TaskRowSet:
+    kind: Kind
+    tasks: list[TaskRows]
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+
+@dataclass
+class EncodedTask:
+    name: str
+    train: list[Example]
+    test: list[Example]
+    num_labels: int
+
+
+def _cap(rows: datasets.Dataset, limit: int | None, seed: int) -> datasets.Dataset:
+    if limit is None or len(rows) <= limit:
+        return rows
+    return rows.shuffle(seed=seed).select(range(limit))
+
+
+def _rows_by_value(rows: datasets.Dataset, column: str, value: str) -> datasets.Dataset:
+    values = rows[column]
+    return rows.select([i for i, v in enumerate(values) if v == value])
+
+
+def _split_dataset(config: MultiTaskConfig) -> tuple[Kind, list[tuple[str, datasets.Dataset, datasets.Dataset, int]]]:
+    """``dataset`` + ``task_by``: one task per value of the column."""
+    assert config.dataset is not None
+    data = load_task(config.dataset, config.data_dir, seed=config.seed)
+    column = config.task_by
+    if column not in data.train.column_names:
+        raise UsageError(f"task_by={column!r} is not a column of {config.dataset}; columns: {data.train.column_names}")
+    known = sorted(set(data.train[column]))
+    chosen = config.tasks or known
+    unknown = [t for t in chosen if t not in known]
+    if unknown:
+        raise UsageError(f"unknown task {unknown[0]!r}: not a {column} of {config.dataset}; known: {', '.join(known)}")
+    parts = []
+    for name in chosen:
+        test = _rows_by_value(data.test, column, name) if column in data.test.column_names else data.test.select([])
+        parts.append((name, _rows_by_value(data.train, column, name), test, data.num_labels))
+    return data.kind, parts
+
+
+def _task_list(config: MultiTaskConfig) -> tuple[Kind, list[tuple[str, datasets.Dataset, datasets.Dataset, int]]]:
+    """``tasks``: one dataset per task, all of one kind."""
+    assert config.tasks is not None
+    loaded: list[TaskData] = [load_task(name, config.data_dir, seed=config.seed) for name in config.tasks]
+    kinds = {d.kind for d in loaded}
+    if len(kinds) > 1:
+        raise UsageError(f"tasks mix classification and generation datasets: {config.tasks}")
+    return kinds.pop(), [(name, d.train, d.test, d.num_labels) for name, d in zip(config.tasks, loaded)]
+
+
+def load_task_rows(config: MultiTaskConfig) -> TaskRowSet:
+    """Every task's capped rows; raises UsageError on any input problem, before a model loads."""
+    kind, parts = _split_dataset(config) if config.dataset is not None else _task_list(config)
+    try:
+        config.check_task_count(len(parts))
+    except ValueError as err:
+        raise UsageError(f"invalid config: {err}") from None
+    tasks = []
+    for name, train, test, num_labels in parts:
+        if len(train) == 0 or len(test) == 0:
+            raise UsageError(f"task {name!r} has {len(train)} training and {len(test)} test rows; it needs both")
+        if kind == "classification" and num_labels < 2:
+            num_labels = max(train["label"]) + 1
+        tasks.append(
+            TaskRows(
+                name,
+                _cap(train, config.max_train_examples_per_task, config.seed),
+                _cap(test, config.max_eval_examples_per_task, config.seed),
+                num_labels if kind == "classification" else 0,
+            )
+        )
+    return TaskRowSet(kind, tasks)
+
+
+def encode_tasks(rows: TaskRowSet, tokenizer: object, max_len: int) -> list[EncodedTask]:
+    encode = encode_classification if rows.kind == "classification" else encode_generation
+    return [
+        EncodedTask(t.name, encode(t.train, tokenizer, max_len), encode(t.test, tokenizer, max_len), t.num_labels)
+        for t in rows.tasks
+    ]

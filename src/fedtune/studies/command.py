@@ -1,0 +1,41 @@
+"""``fedtune study STUDY --out DIR [--size cpu|gpu] [--seeds 0 1 2] [--report docs/results]``."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from fedtune.errors import UsageError
+    from fedtune.studies.report import write_report
+    from fedtune.studies.runner import run_study, study_named, write_csv
+
+    study = study_named(args.study)
+    if len(args.seeds) < 1:
+        raise UsageError("--seeds needs at least one seed")
+    out, report_dir = Path(args.out), Path(args.report)
+    start = time.perf_counter()
+    rows = run_study(study, out, args.size, args.seeds)
+    wall = sum(float(r["wall_seconds"]) for r in rows)
+    write_csv(rows, report_dir / f"{study.name}.csv")
+    command = "fedtune " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["study"] else f"fedtune study {study.name}"
+    report = write_report(study, rows, report_dir, args.size, args.seeds, wall, command)
+    print(f"{len(rows)} runs in {(time.perf_counter() - start) / 60:.1f} min; report: {report}")
+    return 0
+
+
+def add_study_command(sub: Any) -> None:
+    from fedtune.studies.definitions import STUDIES
+
+    study = sub.add_parser("study", help="run a study (methods x seeds) and write its report")
+    study.add_argument("study", choices=sorted(STUDIES))
+    study.add_argument("--out", required=True, help="where the study's run directories go")
+    study.add_argument("--size", choices=["cpu", "gpu"], default="cpu")
+    study.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    study.add_argument("--report", default="docs/results", help="folder for <study>.md, its CSV and plots")
+    study.set_defaults(func=cmd_study)

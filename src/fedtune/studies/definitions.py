@@ -1,0 +1,174 @@
+"""The studies: which methods, on which task, at which budget, to test which claim.
+
+Each study is a list of settings (a task and a budget); each setting runs every variant
+(a method with its options) with several seeds. Two sizes: ``cpu`` finishes within about
+two hours on 2 cores; ``gpu`` is the budget for a machine with an accelerator. A variant's
+overrides apply over the setting's, which apply over the base config file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    base: str  # config file, relative to the repository root
+    overrides: dict[str, dict[str, object]]  # size -> overrides
+    variants: dict[str, dict[str, object]]  # label -> overrides
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    question: str
+    settings: tuple[Setting, ...]
+    #: per-run metrics worth a column in the report, besides the primary metric
+    extra_metrics: tuple[str, ...] = ()
+    analyze: bool = False  # run `fedtune analyze` on every run (the initialisation study)
+    claims: tuple[str, ...] = field(default_factory=tuple)
+
+
+MINILM_20NG_CPU = {
+    "clients": 10, "rounds": 5, "local_steps": 4, "max_seq_len": 96,
+    "max_eval_examples": 500, "max_client_eval_examples": 30, "lr": 0.005,
+}  # fmt: skip
+MINILM_20NG_GPU = {
+    "clients": 20, "rounds": 30, "local_steps": 20, "max_seq_len": 256, "max_eval_examples": None,
+    "max_client_eval_examples": 100, "lr": 0.002, "device": "cuda", "precision": "bf16",
+}  # fmt: skip
+
+HETERO_VARIANTS = {
+    "HAFL freezing + adaptive": {"method": "hafl", "hafl.scheme": "freezing", "hafl.aggregation": "adaptive"},
+    "HAFL freezing + zero-padding": {"method": "hafl", "hafl.scheme": "freezing", "hafl.aggregation": "zero_padding"},
+    "HAFL truncation + adaptive": {"method": "hafl", "hafl.scheme": "truncation", "hafl.aggregation": "adaptive"},
+    "HAFL truncation + zero-padding": {"method": "hafl", "hafl.scheme": "truncation", "hafl.aggregation": "zero_padding"},
+    "HetLoRA (prefix truncation + zero-padding)": {"method": "hetlora"},
+}
+
+SHARE_VARIANTS = {
+    "FedIT (share A, B)": {"method": "fedit"},
+    "FFA-LoRA (freeze A, share B)": {"method": "ffa-lora"},
+    "FedSA-LoRA (share A, keep B)": {"method": "fedsa-lora"},
+    "Fed-ALoRA reset (share B, keep A)": {"method": "fed-alora", "fed_alora.a_persistence": "reset"},
+    "Fed-ALoRA keep (share B, keep A)": {"method": "fed-alora", "fed_alora.a_persistence": "keep"},
+}
+
+BEYOND_VARIANTS_20NG = {
+    "Full-weight FedAvg": {"method": "fedavg-full", "lr": 0.0001},
+    "GaLore FedAvg": {"method": "fedavg-galore", "lr": 0.0002},
+    "FedIT": {"method": "fedit"},
+    "FFA-LoRA": {"method": "ffa-lora", "lr": 0.01},
+    "FlexLoRA": {"method": "flexlora"},
+}
+BEYOND_VARIANTS_LLM = {
+    "Full-weight FedAvg": {"method": "fedavg-full", "lr": 0.00002},
+    "GaLore FedAvg": {"method": "fedavg-galore", "lr": 0.00005},
+    "FedIT": {"method": "fedit"},
+    "FFA-LoRA": {"method": "ffa-lora", "lr": 0.001},
+    "FlexLoRA": {"method": "flexlora"},
+}
+
+STUDIES: dict[str, Study] = {
+    "hafl-20ng": Study(
+        "hafl-20ng",
+        "Heterogeneous ranks on non-IID 20 Newsgroups: does HAFL's importance-based freezing and adaptive "
+        "rank-1 aggregation beat truncation and zero-padding (HetLoRA), per round and per uplink byte, and "
+        "does the model handed to low-rank clients keep its accuracy?",
+        (
+            Setting(
+                "20ng-minilm",
+                "configs/hetero/20ng-hafl.yaml",
+                {
+                    "cpu": {**MINILM_20NG_CPU, "lowrank_eval": True, "personalised_eval": False},
+                    "gpu": {**MINILM_20NG_GPU, "lowrank_eval": True, "personalised_eval": False},
+                },
+                HETERO_VARIANTS,
+            ),
+        ),
+        extra_metrics=("lowrank_accuracy",),
+        claims=(
+            "HAFL converges faster than the truncation baseline",
+            "HAFL needs less communication than the truncation baseline (about 49 % less in HAFLQ)",
+            "no accuracy drop when the global model is given to low-rank clients (freezing vs truncation)",
+            "adaptive aggregation converges faster than zero-padding",
+        ),
+    ),
+    "share-which": Study(
+        "share-which",
+        "Which LoRA factors to share: FedIT vs FFA-LoRA vs FedSA-LoRA vs Fed-ALoRA (A reset or kept), "
+        "global and personalised metrics.",
+        (
+            Setting(
+                "20ng-minilm",
+                "configs/fed-alora.yaml",
+                {"cpu": dict(MINILM_20NG_CPU), "gpu": dict(MINILM_20NG_GPU)},
+                SHARE_VARIANTS,
+            ),
+            Setting(
+                "dolly-smollm2",
+                "configs/smollm2-dolly-fed-alora.yaml",
+                {
+                    "cpu": {"rounds": 3, "local_steps": 2, "fraction": 0.5, "batch_size": 4, "max_seq_len": 192,
+                            "max_eval_examples": 80, "max_client_eval_examples": 10},
+                    "gpu": {"rounds": 20, "local_steps": 20, "batch_size": 8, "max_seq_len": 512, "max_eval_examples": 80,
+                            "max_client_eval_examples": 50, "device": "cuda", "precision": "bf16"},
+                },  # fmt: skip
+                SHARE_VARIANTS,
+            ),
+        ),
+        claims=(
+            "sharing B (Fed-ALoRA) gives comparable or better accuracy than sharing A (FedSA-LoRA)",
+            "methods with local parts do better on personalised than on global evaluation under non-IID data",
+        ),
+    ),
+    "beyond-lora": Study(
+        "beyond-lora",
+        "Full-weight FedAvg and GaLore FedAvg vs federated LoRA (FedIT, FFA-LoRA, FlexLoRA) at equal local "
+        "steps: accuracy, uplink bytes, client training memory.",
+        (
+            Setting(
+                "arc-e-smollm2",
+                "configs/smollm2-arc-e-fedit.yaml",
+                {
+                    "cpu": {"clients": 5, "rounds": 2, "local_steps": 3, "batch_size": 4, "max_seq_len": 160,
+                            "max_train_examples": 2000, "max_eval_examples": 150},
+                    "gpu": {"clients": 10, "rounds": 10, "local_steps": 30, "batch_size": 8, "max_seq_len": 256,
+                            "max_eval_examples": 1000, "device": "cuda", "precision": "bf16"},
+                },  # fmt: skip
+                BEYOND_VARIANTS_LLM,
+            ),
+            Setting(
+                "20ng-minilm",
+                "configs/fedit.yaml",
+                {"cpu": dict(MINILM_20NG_CPU), "gpu": dict(MINILM_20NG_GPU)},
+                BEYOND_VARIANTS_20NG,
+            ),
+        ),
+        extra_metrics=("client_train_state_bytes",),
+        claims=(
+            "full-weight averaging beats federated LoRA",
+            "GaLore local training beats FedIT, FFA-LoRA and FlexLoRA at similar cost",
+        ),
+    ),
+    "init-similarity": Study(
+        "init-similarity",
+        "Seed 000's Figure 1: is the similarity of A matrices across tasks or clients due to their shared "
+        "initialisation, with the knowledge in B?",
+        tuple(
+            Setting(
+                name,
+                f"configs/init-experiment/{name}.yaml",
+                {"cpu": {}, "gpu": {"local_steps": 200, "max_seq_len": 128, "device": "cuda"}},
+                {"independent LoRAs (local-only)": {}},
+            )
+            for name in ("diff-tasks-same-seed", "same-task-diff-seeds", "diff-tasks-diff-seeds", "same-task-same-seed")
+        ),
+        analyze=True,
+        claims=(
+            "with the same init seed, A's of different tasks are highly similar (about 0.8) and B's are not (0 to 0.15)",
+            "with different seeds on the same task, A similarity collapses (0.02 to 0.08) while B stays higher (0.15 to 0.4)",
+        ),
+    ),
+}

@@ -1,0 +1,114 @@
+"""Run a study's grid (settings x variants x seeds) and collect one CSV row per run.
+
+Runs go to ``OUT/<setting>/<variant>/seed<k>/`` (ordinary run directories). A run whose
+``summary.json`` exists is reused, so an interrupted study continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from fedtune.config import load_config
+from fedtune.errors import UsageError
+from fedtune.rundir import RunDir, read_metrics
+from fedtune.runtime.engine import build_federation
+from fedtune.runtime.simulator import Simulator
+from fedtune.studies.definitions import STUDIES, Study
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def slug(label: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+
+
+def study_named(name: str) -> Study:
+    try:
+        return STUDIES[name]
+    except KeyError:
+        raise UsageError(f"unknown study {name!r}; studies: {', '.join(STUDIES)}") from None
+
+
+def _overrides(values: dict[str, object]) -> list[str]:
+    out = []
+    for key, value in values.items():
+        text = "null" if value is None else ("true" if value is True else "false" if value is False else str(value))
+        out.append(f"{key}={text}")
+    return out
+
+
+def run_one(base: Path, overrides: list[str], out: Path) -> dict[str, Any]:
+    if (out / "summary.json").exists():
+        return json.loads((out / "summary.json").read_text())
+    config = load_config(base, overrides)
+    simulator = Simulator(build_federation(config), RunDir.create(out, overwrite=True))
+    summary = simulator.run()
+    del simulator
+    gc.collect()
+    return summary
+
+
+def similarity_means(run_dir: Path) -> dict[str, float]:
+    """Mean A / B / dW subspace similarity over client pairs (``fedtune analyze``)."""
+    from fedtune.analysis import analyze
+    from fedtune.analysis.report import summarize, write_report
+
+    analysis = analyze(run_dir)
+    write_report(analysis, run_dir / "analysis")
+    block = summarize(analysis)["similarity"].get("clients", {})
+    return {f"similarity_{m}": block.get(m) for m in ("A", "B", "dW")}
+
+
+def run_study(study: Study, out: Path, size: str, seeds: list[int]) -> list[dict[str, Any]]:
+    jobs = [(s, label, variant, seed) for s in study.settings for label, variant in s.variants.items() for seed in seeds]
+    rows = []
+    for setting, label, variant, seed in tqdm(jobs, desc=f"study {study.name}"):
+        run_dir = out / setting.name / slug(label) / f"seed{seed}"
+        overrides = _overrides({**setting.overrides[size], **variant, "seed": seed, "progress": False})
+        start = time.perf_counter()
+        summary = run_one(ROOT / setting.base, overrides, run_dir)
+        row: dict[str, Any] = {
+            "setting": setting.name,
+            "variant": label,
+            "seed": seed,
+            "method": summary["method"],
+            "run_dir": str(run_dir),
+            "primary_metric": summary["primary_metric"],
+            "final": summary["final"].get(summary["primary_metric"]),
+            "best": summary["best"].get(summary["primary_metric"]),
+            "total_bytes_up": summary["total_bytes_up"],
+            "total_bytes_down": summary["total_bytes_down"],
+            "wall_seconds": summary.get("wall_seconds", time.perf_counter() - start),
+            "trainable_params": summary["trainable_params"],
+        }
+        for key, value in summary["final"].items():
+            row[f"final_{key}"] = value
+        history = read_metrics(run_dir)
+        for metric in study.extra_metrics:
+            values = [r[metric] for r in history if metric in r]
+            row[metric] = max(values) if metric.endswith("_bytes") else (values[-1] if values else None)
+        if study.analyze:
+            row.update(similarity_means(run_dir))
+        rows.append(row)
+    write_csv(rows, out / "results.csv")
+    return rows
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    fields: list[str] = []
+    for row in rows:
+        fields += [k for k in row if k not in fields]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path

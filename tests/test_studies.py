@@ -1,0 +1,66 @@
+"""The study runner: grid of variants x seeds, resumable, CSV + Markdown report + plots."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+from conftest import write_classification_jsonl
+
+from fedtune.cli import main
+from fedtune.studies import definitions
+from fedtune.studies.definitions import Setting, Study
+
+
+@pytest.fixture
+def tiny_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Study:
+    dataset = write_classification_jsonl(tmp_path / "cls.jsonl")
+    base = tmp_path / "base.yaml"
+    base.write_text(
+        f"model: tiny-bert\ndataset: {dataset}\nclients: 4\nrounds: 2\nlocal_steps: 2\nbatch_size: 4\n"
+        "max_seq_len: 32\npartition: iid\nlora: {r: 4}\nthreads: 1\ndevice: cpu\n"
+    )
+    study = Study(
+        "tiny",
+        "Does the runner work?",
+        (Setting("tiny-setting", str(base), {"cpu": {"lr": 0.01}, "gpu": {}}, {"FedIT": {"method": "fedit"}, "Fed-ALoRA": {"method": "fed-alora"}}),),
+        claims=("the runner runs",),
+    )
+    monkeypatch.setitem(definitions.STUDIES, "tiny", study)
+    return study
+
+
+def test_study_grid_report_and_resume(tiny_study: Study, tmp_path: Path, capsys) -> None:
+    out, report = tmp_path / "study", tmp_path / "docs"
+    args = ["study", "tiny", "--out", str(out), "--seeds", "0", "1", "--report", str(report)]
+    assert main(args) == 0
+    with open(report / "tiny.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r["variant"], r["seed"]) for r in rows) == sorted([("FedIT", "0"), ("FedIT", "1"), ("Fed-ALoRA", "0"), ("Fed-ALoRA", "1")])
+    assert all(0.0 <= float(r["final"]) <= 1.0 for r in rows)
+    text = (report / "tiny.md").read_text()
+    assert "| FedIT | " in text and "| Fed-ALoRA | " in text and "± " in text and "Hardware:" in text
+    assert (report / "tiny" / "tiny-setting_accuracy_vs_round.png").exists()
+    assert (report / "tiny" / "tiny-setting_accuracy_vs_uplink.png").exists()
+    summary = out / "tiny-setting" / "fedit" / "seed0" / "summary.json"
+    stamp = summary.stat().st_mtime_ns
+    assert main(args) == 0  # resumes: finished runs are reused, not rerun
+    assert summary.stat().st_mtime_ns == stamp
+
+
+def test_unknown_study_is_a_usage_error(capsys) -> None:
+    assert main(["study", "nope", "--out", "x"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_shipped_studies_resolve(tmp_path: Path) -> None:
+    from fedtune.config import load_config
+    from fedtune.studies.runner import ROOT, _overrides
+
+    for study in definitions.STUDIES.values():
+        for setting in study.settings:
+            for size in ("cpu", "gpu"):
+                for variant in setting.variants.values():
+                    config = load_config(ROOT / setting.base, _overrides({**setting.overrides[size], **variant, "seed": 0}))
+                    assert config.seed == 0
