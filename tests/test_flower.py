@@ -77,6 +77,7 @@ def test_flower_simulation_aggregates_what_the_simulator_aggregates(flower_runs:
     theirs = {k: v for k, v in flower_state.items() if not is_bookkeeping(k)}
     assert max_abs_diff(ours, theirs) <= 1e-6
     flower_rows, sim_rows = read_metrics(flower_runs[name]), simulator.history
+    assert all(r["rejected_replies"] == 0 and r["failed_replies"] == 0 for r in flower_rows)
     assert [r["clients"] for r in flower_rows] == [r["clients"] for r in sim_rows]
     assert [r["bytes_up"] for r in flower_rows] == [r["bytes_up"] for r in sim_rows]
     assert [r["bytes_down"] for r in flower_rows] == [r["bytes_down"] for r in sim_rows]

@@ -352,3 +352,10 @@ def test_hafl_freezing_uploads_its_budget_share_plus_indices(cls_file: Path) -> 
         expected = full * budget // 4 + modules * budget * 4  # + int32 indices
         assert sim.history[0]["bytes_up_per_client"][client] == expected
         assert sim.history[0]["bytes_down_per_client"][client] == full
+
+
+def test_product_norm_matches_the_dense_product() -> None:
+    from fedtune.methods.hetlora import product_norm
+
+    b, a = factors(5, 60)
+    assert product_norm(b, a) == pytest.approx(float(torch.linalg.matrix_norm(b @ a)), rel=1e-10)

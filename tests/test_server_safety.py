@@ -138,3 +138,31 @@ def test_checkpoint_round_trip(cls_file: Path, tmp_path: Path) -> None:
     restored = FederatedServer(fed, checkpoint_dir=tmp_path)
     assert restored.load_checkpoint() == 1
     assert max_abs_diff(restored.state, server.state) == 0
+
+
+HONEST_RUNS = {
+    "fedit": {},
+    "ffa-lora": {},
+    "fedsa-lora": {},
+    "fed-alora": {},
+    "local-only": {},
+    "fedavg-full": {},
+    "fedavg-galore": {"galore.rank": 2},
+    "hetlora": {"ranks": "[2,4,8,8]"},
+    "hetlora-pruning": {"method": "hetlora", "ranks": "[2,4,8,8]", "hetlora.self_pruning": "true", "hetlora.prune_lambda": 1.0},
+    "flexlora": {"ranks": "[2,4,8,8]"},
+    "flora": {"ranks": "[2,4,8,8]"},
+    "fed-alora-decomposed": {"method": "fed-alora", "ranks": "[2,4,8,8]"},
+    "hafl": {"ranks": "[2,4,8,8]"},
+    "hafl-truncation": {"method": "hafl", "ranks": "[2,4,8,8]", "hafl.scheme": "truncation"},
+}
+
+
+@pytest.mark.parametrize("name", HONEST_RUNS, ids=list(HONEST_RUNS))
+def test_honest_clients_are_never_rejected(cls_file: Path, name: str) -> None:
+    """The server's expectations follow each method's own rules, client by client."""
+    extra = {"method": name, **HONEST_RUNS[name]}
+    simulator, _ = run_tiny(tiny_overrides(cls_file, rounds=3, max_update_norm=1e6, **extra))
+    for row in simulator.history:
+        assert row["rejected_replies"] == 0, row["rejected"]
+        assert row["aggregated"]

@@ -51,6 +51,12 @@ class HetLoRASettings(BaseModel):
     prune_lambda: float = Field(0.01, ge=0)
 
 
+def product_norm(b: torch.Tensor, a: torch.Tensor) -> float:
+    """||B A||_F without forming the d_out x d_in product: sqrt(<B^T B, A A^T>_F) from r x r Gram matrices."""
+    b, a = b.double(), a.double()
+    return float(torch.sqrt(torch.clamp(torch.sum((b.T @ b) * (a @ a.T)), min=0.0)))
+
+
 def zero_padding_average(uploads: Sequence[ClientUpload], rank: int, weights: str) -> State:
     """Every upload's LoRA factors zero-padded to ``rank`` and averaged (per module)."""
     padded = [pad_rank({k: v for k, v in u.tensors.items() if k.endswith((LORA_A_SUFFIX, LORA_B_SUFFIX))}, rank) for u in uploads]
@@ -60,7 +66,7 @@ def zero_padding_average(uploads: Sequence[ClientUpload], rank: int, weights: st
         a_key, b_key = module + LORA_A_SUFFIX, module + LORA_B_SUFFIX
         w = p
         if weights == "norm":
-            norms = [float(torch.linalg.matrix_norm(u.tensors[b_key].double() @ u.tensors[a_key].double())) for u in uploads]
+            norms = [product_norm(u.tensors[b_key], u.tensors[a_key]) for u in uploads]
             if sum(norms) > 0:
                 w = [n / sum(norms) for n in norms]
         result.update(weighted_average([{a_key: s[a_key], b_key: s[b_key]} for s in padded], w))

@@ -79,7 +79,8 @@ def check_upload(
             if b_key in upload and upload[key].shape[0] != upload[b_key].shape[1]:
                 return f"{key}: rank {upload[key].shape[0]} differs from its B's {upload[b_key].shape[1]}"
     if max_norm is not None:
-        norm = float(torch.sqrt(sum((v.double() ** 2).sum() for v in upload.values() if v.is_floating_point())))
+        squares = [(v.double() ** 2).sum() for v in upload.values() if v.is_floating_point()]
+        norm = float(torch.sqrt(torch.stack(squares).sum())) if squares else 0.0
         if norm > max_norm:
             return f"L2 norm {norm:.4g} exceeds the bound {max_norm:.4g}"
     return None

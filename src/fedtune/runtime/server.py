@@ -100,13 +100,17 @@ class FederatedServer:
         return self.method.client_start(received, self.method.client_init(initial), initial, client_id)
 
     def expected_upload(self, client_id: int, received: State) -> State:
-        """An upload of the right keys, shapes and dtypes for this client (cached by shapes)."""
-        signature = (self.fed.rank_of(client_id), tuple((k, tuple(v.shape)) for k, v in sorted(received.items())))
+        """What this client's upload must look like: keys, shapes, dtypes (meta tensors, no data).
+
+        Derived by running the method's own client steps on what the client received, so it
+        follows every method's rules (a rank-r_k adapter, r_k HAFL components, ...). Cached
+        per client and payload shapes.
+        """
+        signature = (client_id, tuple((k, tuple(v.shape)) for k, v in sorted(received.items())))
         if signature not in self._expected:
             start = self.client_start(client_id, received)
-            trained = {k: v for k, v in start.items()}
-            upload, _ = self.method.client_finish(trained, start)
-            self._expected[signature] = {k: v.detach().clone() for k, v in upload.items()}
+            upload, _ = self.method.client_finish(dict(start), start)
+            self._expected[signature] = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in upload.items()}
         return self._expected[signature]
 
     # -- receiving ---------------------------------------------------------------------------
