@@ -11,7 +11,9 @@ from fedtune.data.sources import BUILTINS
 from fedtune.methods import METHODS
 from fedtune.models.loading import BUILTIN_MODELS
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+ALL = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+CONFIGS = [p for p in ALL if p.parent.name != "multitask"]
+MULTITASK = [p for p in ALL if p.parent.name == "multitask"]
 
 
 def test_one_config_per_method() -> None:
@@ -33,3 +35,20 @@ def test_config_validates(path: Path) -> None:
     assert config.model in BUILTIN_MODELS
     names = [config.dataset] if isinstance(config.dataset, str) else config.dataset
     assert all(name in BUILTINS for name in names)
+
+
+@pytest.mark.parametrize("path", MULTITASK, ids=[p.stem for p in MULTITASK])
+def test_multitask_config_validates(path: Path) -> None:
+    from fedtune.multitask.config import load_multitask_config
+
+    config = load_multitask_config(path)
+    assert config.model in BUILTIN_MODELS and config.variant in ("alora", "hydralora", "lora")
+
+
+def test_multitask_configs_cover_glue_and_dolly() -> None:
+    from fedtune.multitask.config import load_multitask_config
+
+    configs = [load_multitask_config(p) for p in MULTITASK]
+    for variant in ("alora", "hydralora", "lora"):
+        assert any(c.variant == variant and c.model == "minilm" and c.tasks and "glue/sst2" in c.tasks for c in configs)
+        assert any(c.variant == variant and c.model == "smollm2-135m" and c.dataset == "dolly15k" for c in configs)
