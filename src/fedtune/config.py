@@ -7,12 +7,11 @@ can be set from the command line with its dotted name, e.g. ``lora.r=16`` or
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
-from functools import cached_property
-
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedtune.errors import UsageError
@@ -22,6 +21,8 @@ from fedtune.methods.full_weight import FullWeightSettings, GaLoreSettings
 from fedtune.methods.hafl import HAFLSettings
 from fedtune.methods.hetlora import HetLoRASettings
 from fedtune.resources import assign_ranks, validate_ranks
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class _Section(BaseModel):
@@ -219,8 +220,11 @@ def describe_validation_error(err: ValidationError) -> str:
     return f"invalid config: {where}: {message}{shown}"
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML file (optional), apply ``key=value`` overrides, validate."""
+def load_validated(schema: type[ModelT], path: str | Path | None, overrides: list[str] | None) -> ModelT:
+    """Read a YAML file (optional), apply ``key=value`` overrides, validate against ``schema``.
+
+    Every typed config of fedtune (runs, multi-task runs) loads through here, so they share
+    one override syntax and one style of one-line errors."""
     data: dict[str, Any] = {}
     if path is not None:
         file = Path(path)
@@ -235,10 +239,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = loaded
     data = _merge(data, parse_overrides(overrides or []))
     try:
-        return RunConfig.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as err:
         raise UsageError(describe_validation_error(err)) from None
 
 
-def dump_config(config: RunConfig) -> str:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """A run config from a YAML file (optional) and ``key=value`` overrides."""
+    return load_validated(RunConfig, path, overrides)
+
+
+def dump_config(config: BaseModel) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

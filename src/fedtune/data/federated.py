@@ -52,14 +52,19 @@ def _cap(ds: datasets.Dataset, limit: int | None, seed: int) -> datasets.Dataset
     return ds.shuffle(seed=seed).select(range(limit))
 
 
-def plan_partitions(config: Any) -> PartitionPlan:
-    fields = FieldMap(
+def field_map(config: Any) -> FieldMap:
+    """The column names a run config gives for a user's own dataset."""
+    return FieldMap(
         text=config.text_field,
         text_pair=config.text_pair_field,
         label=config.label_field,
         prompt=config.prompt_field,
         response=config.response_field,
     )
+
+
+def plan_partitions(config: Any) -> PartitionPlan:
+    fields = field_map(config)
     task = load_tasks(config.dataset, config.data_dir, fields, config.task, config.seed, config.test_dataset)
     if config.task != "auto" and config.task != task.kind:
         raise UsageError(f"dataset {config.dataset!r} is a {task.kind} task, not {config.task}")
@@ -89,13 +94,7 @@ def plan_own_data(config: Any, client_id: int, path: str) -> PartitionPlan:
     """The plan of a client that brings its own data file (a deployed data holder): its
     rows are client ``client_id``'s shard (minus a held-out local test split); the other
     clients' shards are empty here, since they live on other machines."""
-    fields = FieldMap(
-        text=config.text_field,
-        text_pair=config.text_pair_field,
-        label=config.label_field,
-        prompt=config.prompt_field,
-        response=config.response_field,
-    )
+    fields = field_map(config)
     task = load_tasks(path, None, fields, config.task, config.seed)
     # the file is all this holder has: its local test split comes out of every row
     train = _cap(datasets.concatenate_datasets([task.train, task.test]), config.max_train_examples, config.seed)

@@ -15,13 +15,11 @@ when the data is loaded, still before any model or run directory exists.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fedtune.config import describe_validation_error, parse_overrides
-from fedtune.errors import UsageError
+from fedtune.config import dump_config, load_validated
 from fedtune.multitask.layers import Variant
 from fedtune.multitask.routing import RoutingMode, RoutingSpec
 
@@ -100,33 +98,10 @@ class MultiTaskConfig(BaseModel):
         return RoutingSpec(self.routing, self.top_k, self.balance_loss)
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in extra.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
-    return merged
-
-
 def load_multitask_config(path: str | Path | None = None, overrides: list[str] | None = None) -> MultiTaskConfig:
     """Read a YAML file (optional), apply ``key=value`` overrides, validate."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise UsageError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise UsageError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-        if not isinstance(loaded, dict):
-            raise UsageError(f"config file {path} must hold a mapping of settings")
-        data = loaded
-    data = _merge(data, parse_overrides(overrides or []))
-    try:
-        return MultiTaskConfig.model_validate(data)
-    except ValidationError as err:
-        raise UsageError(describe_validation_error(err)) from None
+    return load_validated(MultiTaskConfig, path, overrides)
 
 
 def dump_multitask_config(config: MultiTaskConfig) -> str:
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    return dump_config(config)

@@ -18,7 +18,6 @@ repeats bit for bit on the same machine.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from fedtune.multitask.export import adapter_config, save_adapter
 from fedtune.multitask.model import AdapterSpec, MultiTaskModel, resolve_targets
 from fedtune.multitask.report import score_stats, write_plots
 from fedtune.rundir import RunDir
-from fedtune.runtime.engine import derive_seed, pick_device
+from fedtune.runtime.engine import derive_seed, pick_device, set_determinism
 from fedtune.runtime.evaluation import evaluate_classification, evaluate_language_model
 from fedtune.runtime.local_training import autocast, batches
 
@@ -57,14 +56,6 @@ class MultiTaskJob:
     def score_metric(self) -> str:
         # the metric whose mean and spread are reported: accuracy, or the response-token loss
         return "accuracy" if self.kind == "classification" else "loss"
-
-
-def set_determinism(config: MultiTaskConfig) -> None:
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.manual_seed(config.seed)
 
 
 def prepare(config: MultiTaskConfig, rows: TaskRowSet | None = None) -> MultiTaskJob:

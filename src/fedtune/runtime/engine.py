@@ -46,7 +46,9 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def set_determinism(config: RunConfig) -> None:
+def set_determinism(config: Any) -> None:
+    """Threads, deterministic kernels and the global seed, from any config with
+    ``threads`` and ``seed`` (run and multi-task configs alike)."""
     if config.threads:
         torch.set_num_threads(config.threads)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
