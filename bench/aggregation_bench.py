@@ -9,9 +9,7 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import RUN, write
-
 
 FLEX_RANKS = (4, 8, 16, 32, 64, 4, 8, 16, 32, 64)
 FLEX_DIM = 4096

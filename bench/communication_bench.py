@@ -7,7 +7,6 @@ from pathlib import Path
 
 from common import ROOT, write
 
-
 BYTES_METHODS = {
     # name: (method, config file or None, extra overrides)
     "fedit": ("fedit", "configs/fedit.yaml", []),

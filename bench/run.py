@@ -26,9 +26,9 @@ from aggregation_bench import bench_aggregation, bench_flexlora, flexlora_memory
 from common import ROOT  # noqa: E402
 from communication_bench import bench_bytes  # noqa: E402
 from flower_bench import bench_flower  # noqa: E402
+from report import write_performance_report  # noqa: E402
 from simulator_bench import bench_memory, bench_overhead, memory_child  # noqa: E402
 from training_bench import bench_reload, bench_throughput  # noqa: E402
-from report import write_performance_report  # noqa: E402
 
 
 def main() -> None:

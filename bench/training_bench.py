@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import DEMO, write
 
 

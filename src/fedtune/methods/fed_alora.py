@@ -11,14 +11,13 @@ Open choice (``a_persistence``):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from collections.abc import Sequence
-
-from fedtune.methods.base import ClientUpload, FederatedMethod, HeadPlacement, Placement, RoleSharingMethod, data_weights
 from fedtune.errors import UsageError
+from fedtune.methods.base import ClientUpload, FederatedMethod, HeadPlacement, Placement, RoleSharingMethod, data_weights
 from fedtune.methods.registry import register
 from fedtune.state import ROLE_A, ROLE_B, ROLE_HEAD, State, clone, role_of, weighted_average
 

@@ -19,8 +19,8 @@ import torch
 from peft import LoraConfig, TaskType, get_peft_model
 
 from fedtune.models.export import save_peft_adapter
-from fedtune.resources import lora_scale
 from fedtune.models.loading import HEAD_MODULES, LoadedModel, TaskKind, default_targets
+from fedtune.resources import lora_scale
 from fedtune.state import BASE_SUFFIX, LORA_A_SUFFIX, LORA_B_SUFFIX, State, is_bookkeeping
 
 PEFT_PREFIX = "base_model.model."

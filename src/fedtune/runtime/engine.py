@@ -10,6 +10,7 @@ import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,8 @@ from fedtune.data.federated import FederatedData, PartitionPlan, encode_plan, pl
 from fedtune.errors import UsageError
 from fedtune.methods import METHODS, FederatedMethod, build_method
 from fedtune.models import LoadedModel, ModelBinding, bind_full, bind_lora, load_model
+from fedtune.models.export import save_merged_weights
+from fedtune.runtime.evaluation import evaluate
 from fedtune.runtime.local_training import LocalResult, steps_for, train_locally
 from fedtune.state import WIRE_DTYPES, State, is_bookkeeping, num_bytes, through_wire
 
@@ -94,6 +97,26 @@ class Federation:
         if rank not in self._shared_initial:
             self._shared_initial[rank] = self.binding.initial_state(derive_seed(self.config.seed, 0x1A17), rank)
         return self._shared_initial[rank]
+
+    def evaluate(self, state: State, examples: list, scored: list) -> dict[str, float]:
+        """Load ``state`` into the model and measure the task's metrics on ``examples``."""
+        c = self.config
+        self.binding.load(state)
+        return evaluate(
+            self.binding.model, self.data.task.metric, examples, scored, c.eval_batch_size, self.pad_id,
+            self.device, c.precision, self.loaded.tokenizer, c.max_new_tokens,
+        )  # fmt: skip
+
+    def save(self, state: State, root: Path) -> Path:
+        """Write ``state`` under ``root/<export format>``: a PEFT ``adapter``, a full ``model``,
+        or FLoRA's ``merged`` target weights."""
+        fmt = self.method.export_format
+        target = root / fmt
+        if fmt == "merged":
+            save_merged_weights(state, target)
+        else:
+            self.binding.export(self.method.export_state(state), target, self.loaded.tokenizer)
+        return target
 
     def steps_for_client(self, client_id: int) -> int:
         c = self.config

@@ -19,12 +19,11 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from fedtune.config import RunConfig, dump_config
-from fedtune.models.export import save_merged_weights
 from fedtune.plots import plot_run
 from fedtune.rundir import RunDir
 from fedtune.runtime.engine import Federation, client_turn, describe, sample_clients
+from fedtune.runtime.evaluation import PRIMARY_METRIC
 from fedtune.runtime.server import FederatedServer, Reply, round_row
-from fedtune.runtime.evaluation import PRIMARY_METRIC, evaluate
 from fedtune.runtime.store import ClientStateStore
 from fedtune.state import State, through_wire
 
@@ -99,12 +98,7 @@ class Simulator:
         return self.method.global_state(self.server, self.fed.initial_state())
 
     def _evaluate_state(self, state: State, examples: list, scored: list) -> dict[str, float]:
-        fed = self.fed
-        fed.binding.load(state)
-        return evaluate(
-            fed.binding.model, fed.data.task.metric, examples, scored, self.config.eval_batch_size, fed.pad_id,
-            fed.device, self.config.precision, fed.loaded.tokenizer, self.config.max_new_tokens,
-        )  # fmt: skip
+        return self.fed.evaluate(state, examples, scored)
 
     def evaluate_global(self) -> dict[str, float]:
         return self._evaluate_state(self.global_state(), self.fed.data.test, self.fed.data.scored_test)
@@ -208,18 +202,10 @@ class Simulator:
     def _export(self) -> None:
         assert self.run_dir is not None
         fed = self.fed
-        fmt = self.method.export_format
-
-        def save(state: State, target: Path) -> None:
-            if fmt == "merged":
-                save_merged_weights(state, target)
-            else:
-                fed.binding.export(self.method.export_state(state), target, fed.loaded.tokenizer)
-
-        save(self.global_state(), self.run_dir.path / fmt)
+        fed.save(self.global_state(), self.run_dir.path)
         if self.method.has_local_parts:
             for client in fed.data.clients:
-                save(self.personal_state(client.client_id), self.run_dir.path / "clients" / str(client.client_id) / fmt)
+                fed.save(self.personal_state(client.client_id), self.run_dir.path / "clients" / str(client.client_id))
         # the spilled client states were working files, not results
         if self.store.spill_dir.is_dir() and self.run_dir.path in self.store.spill_dir.parents:
             for f in self.store.spill_dir.glob("*.safetensors"):

@@ -25,17 +25,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from safetensors.torch import load_file, save_file
 
-import torch
-
 from fedtune.config import RunConfig
 from fedtune.data.federated import encode_client, plan_own_data, plan_partitions
 from fedtune.runtime.engine import Federation, build_federation, client_turn
-from fedtune.runtime.evaluation import evaluate
 from fedtune.runtime.flower.records import from_record, to_record
 from fedtune.state import State
 
@@ -193,17 +191,12 @@ def personal_evaluate(message: Message, context: Context) -> Message:
     local = load_local(context, settings, client_id, round_num + 1, fed)
     state = fed.method.personal_state(received, local, fed.initial_state(client_id), client_id)
     client = fed.data.clients[client_id]
-    fed.binding.load(state)
-    results = evaluate(
-        fed.binding.model, fed.data.task.metric, client.test, client.scored_test, config.eval_batch_size,
-        fed.pad_id, fed.device, config.precision, fed.loaded.tokenizer, config.max_new_tokens,
-    )  # fmt: skip
+    results = fed.evaluate(state, client.test, client.scored_test)
     if settings.get("export"):
         # simulation: into the run directory; deployment: into this node's state dir
         root = settings.get("export-dir") or _state_dir(context, settings)
         if root is not None:
-            target = Path(str(root)) / str(client_id) / fed.method.export_format
-            fed.binding.export(fed.method.export_state(state), target, fed.loaded.tokenizer)
+            fed.save(state, Path(str(root)) / str(client_id))
     metrics = MetricRecord({"num-examples": max(len(client.test), 1), "client-id": client_id, **results})
     return Message(RecordDict({"metrics": metrics}), reply_to=message)
 

@@ -21,7 +21,7 @@ from fedtune.config import RunConfig, dump_config
 from fedtune.plots import plot_run
 from fedtune.rundir import RunDir, read_metrics
 from fedtune.runtime.engine import build_federation, describe
-from fedtune.runtime.evaluation import PRIMARY_METRIC, evaluate
+from fedtune.runtime.evaluation import PRIMARY_METRIC
 from fedtune.runtime.flower.strategy import FedtuneStrategy
 from fedtune.runtime.server import FederatedServer
 
@@ -47,11 +47,7 @@ def run_server(grid: Grid, config: RunConfig, out: Path, resume: bool = False, o
         run_dir.write_config(dump_config(config))
 
     def global_eval() -> dict[str, float]:
-        fed.binding.load(fed.method.global_state(server.state, fed.initial_state(None)))
-        return evaluate(
-            fed.binding.model, fed.data.task.metric, fed.data.test, fed.data.scored_test, config.eval_batch_size,
-            fed.pad_id, fed.device, config.precision, fed.loaded.tokenizer, config.max_new_tokens,
-        )  # fmt: skip
+        return fed.evaluate(fed.method.global_state(server.state, fed.initial_state(None)), fed.data.test, fed.data.scored_test)
 
     strategy = FedtuneStrategy(
         server, state_dir=str(out / "client_state"), export_dir=str(out / "clients"), global_eval=global_eval
@@ -67,14 +63,7 @@ def run_server(grid: Grid, config: RunConfig, out: Path, resume: bool = False, o
         log.info("round %d: %s", row["round"], {k: v for k, v in row.items() if k in PRIMARY_METRIC.values()})
 
     strategy.run(grid, on_round, start_round)
-    state = fed.method.global_state(server.state, fed.initial_state(None))
-    fmt = fed.method.export_format
-    if fmt == "merged":
-        from fedtune.models.export import save_merged_weights
-
-        save_merged_weights(state, out / fmt)
-    else:
-        fed.binding.export(fed.method.export_state(state), out / fmt, fed.loaded.tokenizer)
+    fed.save(fed.method.global_state(server.state, fed.initial_state(None)), out)
     strategy.export_personal(grid)
     primary = PRIMARY_METRIC[fed.data.task.metric]
     evaluated = [r for r in history if primary in r]
