@@ -113,3 +113,21 @@ def test_local_parts_persist_in_store_and_differ_between_clients(cls_file: Path,
     states = [sim.store.get(c) for c in range(4)]
     assert all(s for s in states)
     assert max_abs_diff(states[0], states[1]) > 0
+
+
+@pytest.mark.slow
+def test_a_thousand_clients_fit_with_state_spilled_to_disk(tmp_path: Path) -> None:
+    from conftest import write_classification_jsonl
+
+    dataset = write_classification_jsonl(tmp_path / "many.jsonl", rows=2400)
+    overrides = tiny_overrides(
+        dataset, method="fed-alora", clients=1000, rounds=1, local_steps=1, batch_size=2, local_test_fraction=0.0,
+        store_memory_mb=0.1, max_eval_examples=32, **{"fed_alora.a_persistence": "keep"},
+    )  # fmt: skip
+    sim, summary = run_tiny(overrides, tmp_path / "run")
+    assert summary["clients"] == 1000 and len(sim.history[0]["clients"]) == 1000
+    assert len(sim.store) == 1000
+    assert sim.store.memory_bytes <= 0.1 * 2**20
+    assert len(sim.store.spilled) > 900
+    for client in (0, 999):
+        assert (tmp_path / "run" / "clients" / str(client) / "adapter" / "adapter_model.safetensors").exists()
