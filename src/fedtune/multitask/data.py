@@ -95,8 +95,8 @@ def load_task_rows(config: MultiTaskConfig) -> TaskRowSet:
     for name, train, test, num_labels in parts:
         if len(train) == 0 or len(test) == 0:
             raise UsageError(f"task {name!r} has {len(train)} training and {len(test)} test rows; it needs both")
-        if kind == "classification" and num_labels < 2:
-            num_labels = max(train["label"]) + 1
+        if kind == "classification" and num_labels < 2:  # no label names: count the ids seen
+            num_labels = max(max(train["label"]), max(test["label"])) + 1
         tasks.append(
             TaskRows(
                 name,

@@ -17,6 +17,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+#: dataset files given as tasks are labelled by their file name in plots, not their whole path
+_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".gz")
+
+
+def _label(task: str) -> str:
+    return Path(task).name if task.endswith(_FILE_SUFFIXES) else task
+
+
 def score_stats(scores: Mapping[str, float]) -> dict[str, float]:
     values = list(scores.values())
     mean = sum(values) / len(values)
@@ -55,7 +63,7 @@ def plot_task_scores(scores: Mapping[str, float], metric: str, title: str, path:
     ax.bar_label(bars, fmt="%.3f", fontsize=8)
     mean = sum(scores.values()) / len(scores)
     ax.axhline(mean, color="tab:red", linestyle="--", linewidth=1, label=f"mean {mean:.3f}")
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_xticks(range(len(names)), [_label(n) for n in names], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(metric)
     ax.set_title(title)
     ax.legend(fontsize=8)
@@ -74,7 +82,7 @@ def plot_router_heatmap(weights: Mapping[str, Sequence[float]], title: str, path
         for j, value in enumerate(row):
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value < 0.6 else "black")
     ax.set_xticks(range(num_adapters), [str(j) for j in range(num_adapters)])
-    ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
+    ax.set_yticks(range(len(tasks)), [_label(t) for t in tasks], fontsize=8)
     ax.set_xlabel("adapter")
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="mean routing weight")
@@ -87,7 +95,7 @@ def plot_scores_over_steps(rows: Sequence[Mapping[str, Any]], metric: str, title
     fig, ax = plt.subplots(figsize=(5, 3.5))
     steps = [row["step"] for row in rows]
     for task in rows[-1]["scores"]:
-        ax.plot(steps, [row["scores"][task] for row in rows], marker="o", label=task)
+        ax.plot(steps, [row["scores"][task] for row in rows], marker="o", label=_label(task))
     ax.plot(steps, [row["mean"] for row in rows], color="black", linestyle="--", label="mean")
     ax.set_xlabel("step")
     ax.set_ylabel(metric)
