@@ -16,7 +16,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-
 #: dataset files given as tasks are labelled by their file name in plots, not their whole path
 _FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".gz")
 
