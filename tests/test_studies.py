@@ -64,3 +64,20 @@ def test_shipped_studies_resolve(tmp_path: Path) -> None:
                 for variant in setting.variants.values():
                     config = load_config(ROOT / setting.base, _overrides({**setting.overrides[size], **variant, "seed": 0}))
                     assert config.seed == 0
+
+
+def test_settings_filter_runs_only_the_named_setting(tiny_study: Study, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import dataclasses
+
+    second = dataclasses.replace(tiny_study.settings[0], name="other-setting", variants={"FedIT": {"method": "fedit"}})
+    monkeypatch.setitem(definitions.STUDIES, "tiny", dataclasses.replace(tiny_study, settings=(tiny_study.settings[0], second)))
+    out, report = tmp_path / "study", tmp_path / "docs"
+    assert main(["study", "tiny", "--out", str(out), "--seeds", "0", "--settings", "other-setting", "--report", str(report)]) == 0
+    assert (out / "other-setting" / "fedit" / "seed0" / "summary.json").exists()
+    assert not (out / "tiny-setting").exists()
+    text = (report / "tiny.md").read_text()
+    assert "## other-setting" in text and "## tiny-setting" not in text and "tiny-setting of this study were not run" in text
+    capsys.readouterr()
+    assert main(["study", "tiny", "--out", str(out), "--settings", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "has no setting 'nope'" in err

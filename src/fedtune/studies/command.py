@@ -1,8 +1,9 @@
-"""``fedtune study STUDY --out DIR [--size cpu|gpu] [--seeds 0 1 2] [--report docs/results]``."""
+"""``fedtune study STUDY --out DIR [--size cpu|gpu] [--seeds 0 1 2] [--settings NAME ...] [--report docs/results]``."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 import time
@@ -18,13 +19,21 @@ def cmd_study(args: argparse.Namespace) -> int:
     study = study_named(args.study)
     if len(args.seeds) < 1:
         raise UsageError("--seeds needs at least one seed")
+    skipped: list[str] = []
+    if args.settings:
+        known = [s.name for s in study.settings]
+        unknown = [name for name in args.settings if name not in known]
+        if unknown:
+            raise UsageError(f"study {study.name} has no setting {unknown[0]!r} (it has {', '.join(known)})")
+        skipped = [name for name in known if name not in args.settings]
+        study = dataclasses.replace(study, settings=tuple(s for s in study.settings if s.name in args.settings))
     out, report_dir = Path(args.out), Path(args.report)
     start = time.perf_counter()
     rows = run_study(study, out, args.size, args.seeds)
     wall = sum(float(r["wall_seconds"]) for r in rows)
     write_csv(rows, report_dir / f"{study.name}.csv")
     command = "fedtune " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["study"] else f"fedtune study {study.name}"
-    report = write_report(study, rows, report_dir, args.size, args.seeds, wall, command)
+    report = write_report(study, rows, report_dir, args.size, args.seeds, wall, command, skipped)
     print(f"{len(rows)} runs in {(time.perf_counter() - start) / 60:.1f} min; report: {report}")
     return 0
 
@@ -37,5 +46,6 @@ def add_study_command(sub: Any) -> None:
     study.add_argument("--out", required=True, help="where the study's run directories go")
     study.add_argument("--size", choices=["cpu", "gpu"], default="cpu")
     study.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    study.add_argument("--settings", nargs="+", default=None, help="run only these settings of the study")
     study.add_argument("--report", default="docs/results", help="folder for <study>.md, its CSV and plots")
     study.set_defaults(func=cmd_study)

@@ -72,7 +72,7 @@ def plot_setting(rows: list[dict[str, Any]], metric: str, out_dir: Path, prefix:
     return written
 
 
-def write_report(study: Study, rows: list[dict[str, Any]], report_dir: Path, size: str, seeds: list[int], wall_seconds: float, command: str) -> Path:
+def write_report(study: Study, rows: list[dict[str, Any]], report_dir: Path, size: str, seeds: list[int], wall_seconds: float, command: str, skipped: Sequence[str] = ()) -> Path:
     figures = report_dir / study.name
     lines = [
         f"# Study `{study.name}`",
@@ -85,6 +85,8 @@ def write_report(study: Study, rows: list[dict[str, Any]], report_dir: Path, siz
         f"- Reproduce: `{command}`; every run directory is listed in `{study.name}.csv`.",
         "",
     ]
+    if skipped:
+        lines += [f"**Partial report**: the settings {', '.join(skipped)} of this study were not run for it.", ""]
     for setting in study.settings:
         setting_rows = [r for r in rows if r["setting"] == setting.name]
         if not setting_rows:
