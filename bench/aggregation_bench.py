@@ -184,6 +184,6 @@ def bench_aggregation(out: Path) -> None:
             f"heterogeneous ranks {list(FLEX_RANKS)}; timed on {AGG_MODULES} modules",
             "seconds_per_module": per_module,
             "projected_seconds_for_7b_128_modules": {k: v * 128 for k, v in per_module.items()},
-            "note": "FLoRA's time includes merging the stack into the 4096 x 4096 base weight",
+            "note": "FLoRA's time includes merging the stack into the 4096 x 4096 base weight.",
         },
     )
