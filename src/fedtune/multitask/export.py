@@ -44,13 +44,7 @@ def adapter_config(mt: MultiTaskModel, base_model: str, task_kind: str, tasks: l
         "task_kind": task_kind,
         "tasks": tasks,
         "num_labels": num_labels,
-        "num_adapters": spec.num_adapters,
-        "r": spec.r,
-        "alpha": spec.alpha,
-        "scale": spec.scale,
-        "routing": spec.routing.mode,
-        "top_k": spec.routing.top_k,
-        "target_modules": list(spec.target_modules),
+        **spec.describe(),
         "modules": {name: {"d_in": layer.d_in, "d_out": layer.d_out} for name, layer in mt.layers.items()},
     }
 

@@ -43,6 +43,18 @@ class AdapterSpec:
     def scale(self) -> float:
         return self.alpha / self.r
 
+    def describe(self) -> dict[str, Any]:
+        """The shape-and-routing fields written to both the export config and the run summary."""
+        return {
+            "num_adapters": self.num_adapters,
+            "r": self.r,
+            "alpha": self.alpha,
+            "scale": self.scale,
+            "routing": self.routing.mode,
+            "top_k": self.routing.top_k,
+            "target_modules": list(self.target_modules),
+        }
+
 
 class TaskHeads(nn.Module):
     """One linear head per task; the routing context's current task picks which one runs."""
