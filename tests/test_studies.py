@@ -49,6 +49,26 @@ def test_study_grid_report_and_resume(tiny_study: Study, tmp_path: Path, capsys)
     assert summary.stat().st_mtime_ns == stamp
 
 
+def test_resume_reruns_a_run_whose_definition_changed(tiny_study: Study, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import dataclasses
+
+    import yaml
+
+    out, report = tmp_path / "study", tmp_path / "docs"
+    args = ["study", "tiny", "--out", str(out), "--seeds", "0", "--report", str(report)]
+    assert main(args) == 0
+    fedit, alora = (out / "tiny-setting" / name / "seed0" for name in ("fedit", "fed-alora"))
+    alora_stamp = (alora / "summary.json").stat().st_mtime_ns
+    setting = dataclasses.replace(tiny_study.settings[0], variants={"FedIT": {"method": "fedit", "lr": 0.05}, "Fed-ALoRA": {"method": "fed-alora"}})
+    changed = dataclasses.replace(tiny_study, settings=(setting,), notes=("lr chosen by a sweep",))
+    monkeypatch.setitem(definitions.STUDIES, "tiny", changed)
+    assert main(args) == 0
+    assert yaml.safe_load((fedit / "config.yaml").read_text())["lr"] == 0.05  # the stale lr=0.01 run was replaced
+    assert (alora / "summary.json").stat().st_mtime_ns == alora_stamp  # the unchanged one was reused
+    assert "config differs" in capsys.readouterr().err
+    assert "- lr chosen by a sweep" in (report / "tiny.md").read_text()
+
+
 def test_unknown_study_is_a_usage_error(capsys) -> None:
     assert main(["study", "nope", "--out", "x"]) == 2
     assert "invalid choice" in capsys.readouterr().err

@@ -30,33 +30,42 @@ def numeric_series(rows: Sequence[dict[str, Any]]) -> dict[str, tuple[list[int],
     return series
 
 
+def line_plot(
+    curves: dict[str, tuple[Sequence[float], Sequence[float]]],
+    xlabel: str,
+    ylabel: str,
+    path: Path,
+    title: str = "",
+    figsize: tuple[float, float] = (5, 3.5),
+    dpi: int = 100,
+) -> Path:
+    """One PNG with a line per labelled (x, y) curve; a legend when there is more than one."""
+    fig, ax = plt.subplots(figsize=figsize)
+    for label, (xs, ys) in curves.items():
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(curves) > 1:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def plot_run(rows: Sequence[dict[str, Any]], out_dir: Path, primary: str, title: str = "") -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, (rounds, values) in numeric_series(rows).items():
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot(rounds, values, marker="o")
-        ax.set_xlabel("round")
-        ax.set_ylabel(name)
-        ax.set_title(f"{title} {name}".strip())
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = out_dir / f"{name}_vs_round.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+    written = [
+        line_plot({name: (rounds, values)}, "round", name, out_dir / f"{name}_vs_round.png", f"{title} {name}".strip())
+        for name, (rounds, values) in numeric_series(rows).items()
+    ]
     points = [(row.get("cumulative_bytes_up"), row.get(primary)) for row in rows]
     points = [(x, y) for x, y in points if isinstance(x, (int, float)) and isinstance(y, (int, float))]
     if points:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot([x / 2**20 for x, _ in points], [y for _, y in points], marker="o")
-        ax.set_xlabel("cumulative uplink (MiB)")
-        ax.set_ylabel(primary)
-        ax.set_title(f"{title} {primary} vs uplink".strip())
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
+        curve = ([x / 2**20 for x, _ in points], [y for _, y in points])
         path = out_dir / f"{primary}_vs_uplink_bytes.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        written.append(line_plot({primary: curve}, "cumulative uplink (MiB)", primary, path, f"{title} {primary} vs uplink".strip()))
     return written

@@ -28,7 +28,12 @@ class Study:
     extra_metrics: tuple[str, ...] = ()
     analyze: bool = False  # run `fedtune analyze` on every run (the initialisation study)
     claims: tuple[str, ...] = field(default_factory=tuple)
+    #: how the budget or hyper-parameters were chosen, printed in the report
+    notes: tuple[str, ...] = field(default_factory=tuple)
 
+
+#: what every ``gpu`` size adds: the accelerator and bf16 autocast
+GPU_RUNTIME = {"device": "cuda", "precision": "bf16"}
 
 MINILM_20NG_CPU = {
     "clients": 10, "rounds": 5, "local_steps": 4, "max_seq_len": 96,
@@ -36,7 +41,7 @@ MINILM_20NG_CPU = {
 }  # fmt: skip
 MINILM_20NG_GPU = {
     "clients": 20, "rounds": 30, "local_steps": 20, "max_seq_len": 256, "max_eval_examples": None,
-    "max_client_eval_examples": 100, "lr": 0.002, "device": "cuda", "precision": "bf16",
+    "max_client_eval_examples": 100, "lr": 0.002, **GPU_RUNTIME,
 }  # fmt: skip
 
 HETERO_VARIANTS = {
@@ -113,7 +118,7 @@ STUDIES: dict[str, Study] = {
                     "cpu": {"rounds": 3, "local_steps": 2, "fraction": 0.5, "batch_size": 4, "max_seq_len": 192,
                             "max_eval_examples": 80, "max_client_eval_examples": 10},
                     "gpu": {"rounds": 20, "local_steps": 20, "batch_size": 8, "max_seq_len": 512, "max_eval_examples": 80,
-                            "max_client_eval_examples": 50, "device": "cuda", "precision": "bf16"},
+                            "max_client_eval_examples": 50, **GPU_RUNTIME},
                 },  # fmt: skip
                 SHARE_VARIANTS,
             ),
@@ -135,7 +140,7 @@ STUDIES: dict[str, Study] = {
                     "cpu": {"clients": 5, "rounds": 2, "local_steps": 3, "batch_size": 4, "max_seq_len": 160,
                             "max_train_examples": 2000, "max_eval_examples": 150},
                     "gpu": {"clients": 10, "rounds": 10, "local_steps": 30, "batch_size": 8, "max_seq_len": 256,
-                            "max_eval_examples": 1000, "device": "cuda", "precision": "bf16"},
+                            "max_eval_examples": 1000, **GPU_RUNTIME},
                 },  # fmt: skip
                 BEYOND_VARIANTS_LLM,
             ),

@@ -10,14 +10,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from fedtune.rundir import read_metrics  # noqa: E402
-from fedtune.studies.definitions import Study  # noqa: E402
+from fedtune.plots import line_plot
+from fedtune.rundir import read_metrics
+from fedtune.studies.definitions import Study
 
 
 def mean_std(values: Sequence[float | None]) -> tuple[float, float, int]:
@@ -57,18 +54,9 @@ def plot_setting(rows: list[dict[str, Any]], metric: str, out_dir: Path, prefix:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for x, label, scale in (("round", "round", 1.0), ("cumulative_bytes_up", "cumulative uplink (MiB)", 2**-20)):
-        fig, ax = plt.subplots(figsize=(6.5, 4))
-        for variant, (xs, ys) in _curves(rows, metric, x).items():
-            ax.plot([v * scale for v in xs], ys, marker="o", label=variant)
-        ax.set_xlabel(label)
-        ax.set_ylabel(f"{metric} (mean over seeds)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
+        curves = {variant: ([v * scale for v in xs], ys) for variant, (xs, ys) in _curves(rows, metric, x).items()}
         path = out_dir / f"{prefix}_{metric}_vs_{'round' if x == 'round' else 'uplink'}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(line_plot(curves, label, f"{metric} (mean over seeds)", path, figsize=(6.5, 4), dpi=110))
     return written
 
 
@@ -113,6 +101,8 @@ def write_report(study: Study, rows: list[dict[str, Any]], report_dir: Path, siz
             for path in plot_setting(setting_rows, metric, figures, setting.name):
                 lines.append(f"![{path.stem}]({study.name}/{path.name})")
             lines.append("")
+    if study.notes:
+        lines += ["## How the settings were chosen", ""] + [f"- {note}" for note in study.notes] + [""]
     lines += ["## Claims under test", ""] + [f"- {claim}" for claim in study.claims] + [""]
     lines += ["What the tables above show for each claim is summarised in the project README (Results).", ""]
     report_dir.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,9 @@
 """Run a study's grid (settings x variants x seeds) and collect one CSV row per run.
 
 Runs go to ``OUT/<setting>/<variant>/seed<k>/`` (ordinary run directories). A run whose
-``summary.json`` exists is reused, so an interrupted study continues where it stopped.
+``summary.json`` exists is reused, so an interrupted study continues where it stopped,
+but only when its stored config is the one the study asks for now: a run left from an
+earlier definition (another learning rate, say) is run again rather than reported.
 """
 
 from __future__ import annotations
@@ -10,13 +12,15 @@ import csv
 import gc
 import json
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from tqdm.auto import tqdm
 
-from fedtune.config import load_config
+from fedtune.config import dump_config, load_config
 from fedtune.errors import UsageError
 from fedtune.rundir import RunDir, read_metrics
 from fedtune.runtime.engine import build_federation
@@ -45,10 +49,20 @@ def _overrides(values: dict[str, object]) -> list[str]:
     return out
 
 
+def reusable(out: Path, config_text: str) -> bool:
+    """A finished run made from exactly this resolved config."""
+    stored = out / "config.yaml"
+    if not (out / "summary.json").exists() or not stored.exists():
+        return False
+    return yaml.safe_load(stored.read_text()) == yaml.safe_load(config_text)
+
+
 def run_one(base: Path, overrides: list[str], out: Path) -> dict[str, Any]:
-    if (out / "summary.json").exists():
-        return json.loads((out / "summary.json").read_text())
     config = load_config(base, overrides)
+    if reusable(out, dump_config(config)):
+        return json.loads((out / "summary.json").read_text())
+    if (out / "summary.json").exists():
+        tqdm.write(f"{out}: its config differs from the study's now; running it again", file=sys.stderr)
     simulator = Simulator(build_federation(config), RunDir.create(out, overwrite=True))
     summary = simulator.run()
     del simulator
