@@ -59,11 +59,29 @@ def evaluate_language_model(
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
+def logits_at(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Logits only at ``positions`` (batch x k): shape (batch, k, vocab).
+
+    A choice is a few tokens after a long prompt, so projecting every position onto the
+    vocabulary (49k for SmolLM2) and soft-maxing it would be most of an evaluation's time and
+    memory. transformers' causal LMs take the positions as ``logits_to_keep``; models that do
+    not get the full logits, gathered.
+    """
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=positions).logits
+        if logits.shape[:2] == positions.shape:
+            return logits
+    except TypeError:  # a model without logits_to_keep
+        pass
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return torch.take_along_dim(logits, positions[..., None], dim=1)
+
+
 @torch.no_grad()
-def evaluate_multiple_choice(
+def choice_scores(
     model: torch.nn.Module, examples: Sequence[Example], batch_size: int, pad_id: int, device: torch.device, precision: str
-) -> dict[str, float]:
-    """Score every candidate by the summed log-probability of its tokens after the prompt."""
+) -> torch.Tensor:
+    """(examples x choices): the summed log-probability of each candidate's tokens after the prompt."""
     sequences: list[tuple[int, int, torch.Tensor, int]] = []  # (example, choice, ids, prompt_len)
     for i, e in enumerate(examples):
         for j, choice in enumerate(e.choices or []):
@@ -73,17 +91,29 @@ def evaluate_multiple_choice(
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start : start + batch_size]
         length = max(len(s[2]) for s in chunk)
+        width = max(len(seq) - prompt_len for _, _, seq, prompt_len in chunk)
         ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for row, (_, _, seq, _) in enumerate(chunk):
+        # the position predicting each choice token, the last one repeated to a common width
+        positions = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, (_, _, seq, prompt_len) in enumerate(chunk):
             ids[row, : len(seq)] = seq
             mask[row, : len(seq)] = 1
+            positions[row] = torch.arange(prompt_len - 1, prompt_len - 1 + width).clamp(max=len(seq) - 2)
         with autocast(device, precision):
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logprobs = torch.log_softmax(logits, dim=-1).cpu()
+            logits = logits_at(model, ids.to(device), mask.to(device), positions.to(device))
+        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
         for row, (i, j, seq, prompt_len) in enumerate(chunk):
-            positions = torch.arange(prompt_len - 1, len(seq) - 1)
-            scores[i, j] = float(logprobs[row, positions, seq[prompt_len:]].sum())
+            tokens = seq[prompt_len:]
+            scores[i, j] = float(logprobs[row, torch.arange(len(tokens)), tokens].sum())
+    return scores
+
+
+def evaluate_multiple_choice(
+    model: torch.nn.Module, examples: Sequence[Example], batch_size: int, pad_id: int, device: torch.device, precision: str
+) -> dict[str, float]:
+    """The share of examples whose gold candidate scores highest."""
+    scores = choice_scores(model, examples, batch_size, pad_id, device, precision)
     answers = torch.tensor([e.answer for e in examples])
     return {"mc_accuracy": float((scores.argmax(-1) == answers).float().mean()) if examples else 0.0}
 
