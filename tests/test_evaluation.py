@@ -47,7 +47,20 @@ class _NoLogitsToKeep(torch.nn.Module):
         return self.inner(input_ids=input_ids, attention_mask=attention_mask)
 
 
-@pytest.mark.parametrize("wrap", ["plain", "peft", "no-logits-to-keep"])
+class _IgnoresLogitsToKeep(torch.nn.Module):
+    """A model that takes any keyword and returns full logits; counts its forward passes."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **ignored: object):
+        self.calls += 1
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+@pytest.mark.parametrize("wrap", ["plain", "peft", "no-logits-to-keep", "ignores-logits-to-keep"])
 def test_choice_scores_match_full_logits(wrap: str) -> None:
     loaded = load_model("tiny-llama", "generation", seed=1)
     model = loaded.model
@@ -55,6 +68,8 @@ def test_choice_scores_match_full_logits(wrap: str) -> None:
         model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     elif wrap == "no-logits-to-keep":
         model = _NoLogitsToKeep(model)
+    elif wrap == "ignores-logits-to-keep":
+        model = _IgnoresLogitsToKeep(model)
     model.eval()
     examples = _examples(len(loaded.tokenizer))
     with torch.no_grad():
@@ -62,6 +77,8 @@ def test_choice_scores_match_full_logits(wrap: str) -> None:
         positions = torch.tensor([[2, 3], [1, 1]])
         ids = torch.stack([examples[1].input_ids[:5], examples[2].input_ids[:5]])
         picked = logits_at(model, ids, torch.ones_like(ids), positions)
+        if isinstance(model, _IgnoresLogitsToKeep):
+            assert model.calls == 7 * 3 + 1  # the reference's passes, then one: no second pass without the keyword
         full = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     assert picked.shape == (2, 2, full.shape[-1])
     torch.testing.assert_close(picked[0], full[0, [2, 3]])

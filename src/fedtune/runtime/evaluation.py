@@ -64,16 +64,16 @@ def logits_at(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: t
 
     A choice is a few tokens after a long prompt, so projecting every position onto the
     vocabulary (49k for SmolLM2) and soft-maxing it would be most of an evaluation's time and
-    memory. transformers' causal LMs take the positions as ``logits_to_keep``; models that do
-    not get the full logits, gathered.
+    memory. transformers' causal LMs take the positions as ``logits_to_keep``; from a model
+    that rejects or ignores it, the full logits are gathered (one forward pass either way:
+    the positions are fewer than the sequence's tokens, so the shapes tell the two apart).
     """
     try:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=positions).logits
-        if logits.shape[:2] == positions.shape:
-            return logits
     except TypeError:  # a model without logits_to_keep
-        pass
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    if logits.shape[:2] == positions.shape:
+        return logits
     return torch.take_along_dim(logits, positions[..., None], dim=1)
 
 
