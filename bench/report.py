@@ -84,6 +84,24 @@ def write_performance_report(results: Path, target: Path) -> Path:
             for m in r["client_memory"]:
                 lines.append(f"| {m['method']} | {_mib(m['client_local_state_bytes'])} | {_mib(m['client_train_state_bytes'])} |")
             lines.append("")
+    if r := _load(results, "gpu_training"):
+        lines += [
+            "## GPU training throughput and memory",
+            "",
+            f"{r['job']}. Machine: {r['machine']['cuda']}, torch {r['machine']['torch']}, {r['date']}.",
+            "",
+            "| method | precision | training tokens/s | GPU peak memory | client training state |",
+            "|---|---|---|---|---|",
+        ]
+        for job in r["results"]:
+            if "error" in job:
+                lines.append(f"| {job['method']} | {job['precision']} | not run: {job['error']} | | |")
+                continue
+            lines.append(
+                f"| {job['method']} | {job['precision']} | {job['tokens_per_second']:,.0f} | {_mib(job['gpu_peak_memory_bytes'])} "
+                f"| {_mib(job['client_train_state_bytes'])} |"
+            )
+        lines.append("")
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text("\n".join(lines))
     return target

@@ -9,6 +9,7 @@
 - ``aggregation``: every method's aggregation time per 4096 x 4096 module, 10 clients.
 - ``bytes``: exact bytes per round and client memory of every method on the 20NG configs.
 - ``flower``: the same job on Flower's simulation engine vs the simulator, and model loads per process.
+- ``gpu``: SmolLM2 training tokens/s and GPU peak memory per method and precision (skipped without CUDA).
 
 Usage: python bench/run.py [--out DIR] [--only NAME ...]
 """
@@ -26,6 +27,7 @@ from aggregation_bench import bench_aggregation, bench_flexlora, flexlora_memory
 from common import ROOT  # noqa: E402
 from communication_bench import bench_bytes  # noqa: E402
 from flower_bench import bench_flower  # noqa: E402
+from gpu_bench import bench_gpu  # noqa: E402
 from report import write_performance_report  # noqa: E402
 from simulator_bench import bench_memory, bench_overhead, memory_child  # noqa: E402
 from training_bench import bench_reload, bench_throughput  # noqa: E402
@@ -34,7 +36,7 @@ from training_bench import bench_reload, bench_throughput  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    parser.add_argument("--only", nargs="*", default=None, help="overhead, throughput, reload, memory, flexlora, aggregation, bytes, flower")
+    parser.add_argument("--only", nargs="*", default=None, help="overhead, throughput, reload, memory, flexlora, aggregation, bytes, flower, gpu")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the default job for the overhead benchmark")
     parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
@@ -49,7 +51,7 @@ def main() -> None:
         flexlora_memory_child(args.flex_memory_child, Path(args.child_out))
         return
     out = Path(args.out)
-    everything = ["overhead", "throughput", "reload", "memory", "flexlora", "aggregation", "bytes", "flower"]
+    everything = ["overhead", "throughput", "reload", "memory", "flexlora", "aggregation", "bytes", "flower", "gpu"]
     chosen = set(args.only or everything)
     if "overhead" in chosen:
         bench_overhead(out, args.rounds)
@@ -67,6 +69,8 @@ def main() -> None:
         bench_reload(out)
     if "aggregation" in chosen:
         bench_aggregation(out)
+    if "gpu" in chosen:
+        bench_gpu(out)
     report = write_performance_report(out, ROOT / "docs" / "results" / "performance.md")
     print(f"summary: {report}")
 

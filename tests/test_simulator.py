@@ -67,6 +67,19 @@ def test_run_directory_contents(cls_file: Path, tmp_path: Path) -> None:
     assert not (out / "client_state").exists()
 
 
+def test_training_tokens_are_counted_per_round_and_in_the_summary(cls_file: Path) -> None:
+    sim, summary = run_tiny(tiny_overrides(cls_file, method="fedit", rounds=2, local_steps=3, batch_size=4))
+    fed = sim.fed
+    per_round = [r["train_tokens"] for r in sim.history]
+    # every sampled client trains local_steps batches; tokens are the non-padding positions of those batches
+    assert all(t >= 4 * 3 * len(sim.server_side.sampled(i + 1)) for i, t in enumerate(per_round))
+    assert all(t <= 4 * 3 * fed.config.max_seq_len * fed.config.clients for t in per_round)
+    assert summary["train_tokens"] == sum(per_round)
+    compute = sum(r["compute_seconds"] for r in sim.history)
+    assert summary["train_tokens_per_second"] == pytest.approx(summary["train_tokens"] / compute)
+    assert "gpu_peak_memory_bytes" not in summary  # a CPU run has no GPU memory to report
+
+
 def test_methods_without_local_parts_have_no_personal_eval(cls_file: Path, tmp_path: Path) -> None:
     _, summary = run_tiny(tiny_overrides(cls_file, method="fedit", rounds=1), tmp_path / "r")
     assert "accuracy" in summary["final"]

@@ -69,6 +69,26 @@ def test_resume_reruns_a_run_whose_definition_changed(tiny_study: Study, tmp_pat
     assert "- lr chosen by a sweep" in (report / "tiny.md").read_text()
 
 
+def test_parallel_jobs_give_the_rows_of_a_sequential_study(tiny_study: Study, tmp_path: Path, capsys) -> None:
+    def rows(name: str, jobs: str) -> list[dict[str, str]]:
+        args = ["study", "tiny", "--out", str(tmp_path / name), "--seeds", "0", "1", "--jobs", jobs, "--report", str(tmp_path / name / "docs")]
+        assert main(args) == 0
+        with open(tmp_path / name / "docs" / "tiny.csv") as f:
+            return list(csv.DictReader(f))
+
+    sequential, parallel = rows("one", "1"), rows("two", "3")
+    assert [(r["variant"], r["seed"]) for r in parallel] == [(r["variant"], r["seed"]) for r in sequential]
+    for a, b in zip(sequential, parallel):  # the tiny runs use one thread each, so the results are bit-identical
+        assert (a["final"], a["total_bytes_up"], a["final_accuracy"]) == (b["final"], b["total_bytes_up"], b["final_accuracy"])
+    assert float(parallel[0]["train_tokens_per_second"]) > 0
+
+
+def test_jobs_below_one_is_a_usage_error(tiny_study: Study, tmp_path: Path, capsys) -> None:
+    assert main(["study", "tiny", "--out", str(tmp_path / "s"), "--jobs", "0"]) == 2
+    assert "--jobs must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
 def test_unknown_study_is_a_usage_error(capsys) -> None:
     assert main(["study", "nope", "--out", "x"]) == 2
     assert "invalid choice" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from fedtune.config import RunConfig, dump_config
@@ -58,7 +59,10 @@ class Simulator:
         replies: list[Reply] = []
         sent: dict[int, State] = {}
         bytes_down: dict[int, int] = {}
-        compute = 0.0
+        compute, tokens = 0.0, 0
+        on_gpu = fed.device.type == "cuda"
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats(fed.device)
         for client_id in sampled:
             sent[client_id], bytes_down[client_id] = server.payload(client_id)
             turn = client_turn(fed, client_id, round_num, sent[client_id], self.local_state(client_id), on_step=step_bar)
@@ -69,6 +73,7 @@ class Simulator:
                 Reply(client_id, n_k, turn.upload, {"train_loss": turn.result.loss, "train_state_bytes": turn.result.train_state_bytes})
             )
             compute += turn.result.compute_seconds
+            tokens += turn.result.tokens
         train_seconds = time.perf_counter() - round_start
         aggregate_start = time.perf_counter()
         server_metrics = server.receive(round_num, replies, sent)
@@ -89,8 +94,12 @@ class Simulator:
                 "compute_seconds": compute,
                 "aggregate_seconds": aggregate_seconds,
                 "eval_seconds": eval_seconds,
+                "train_tokens": tokens,
+                "train_tokens_per_s": tokens / compute if compute > 0 else None,
             }
         )
+        if on_gpu:  # the whole round: training, aggregation and evaluation
+            row["gpu_peak_memory_bytes"] = torch.cuda.max_memory_allocated(fed.device)
         return row
 
     # -- evaluation -------------------------------------------------------------------------
@@ -186,6 +195,7 @@ class Simulator:
             "train_seconds": sum(r["train_seconds"] for r in self.history),
             "compute_seconds": sum(r["compute_seconds"] for r in self.history),
             "eval_seconds": sum(r["eval_seconds"] for r in self.history),
+            **_throughput(self.history),
             **describe(fed),
             "device": str(fed.device),
             "seed": self.config.seed,
@@ -212,6 +222,17 @@ class Simulator:
                 f.unlink()
             self.store.spill_dir.rmdir()
 
+
+
+def _throughput(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Training tokens per second of compute, and the GPU's peak memory when there is one."""
+    tokens = sum(r.get("train_tokens", 0) for r in history)
+    compute = sum(r["compute_seconds"] for r in history)
+    out: dict[str, Any] = {"train_tokens": tokens, "train_tokens_per_second": tokens / compute if compute > 0 else None}
+    peaks = [r["gpu_peak_memory_bytes"] for r in history if "gpu_peak_memory_bytes" in r]
+    if peaks:
+        out["gpu_peak_memory_bytes"] = max(peaks)
+    return out
 
 
 def _per_client_totals(history: list[dict[str, Any]], field: str) -> dict[int, int]:

@@ -1,4 +1,4 @@
-"""``fedtune study STUDY --out DIR [--size cpu|gpu] [--seeds 0 1 2] [--settings NAME ...] [--report docs/results]``."""
+"""``fedtune study STUDY --out DIR [--size cpu|gpu] [--seeds 0 1 2] [--settings NAME ...] [--jobs N] [--report docs/results]``."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     study = study_named(args.study)
     if len(args.seeds) < 1:
         raise UsageError("--seeds needs at least one seed")
+    if args.jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, got {args.jobs}")
     skipped: list[str] = []
     if args.settings:
         known = [s.name for s in study.settings]
@@ -29,7 +31,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         study = dataclasses.replace(study, settings=tuple(s for s in study.settings if s.name in args.settings))
     out, report_dir = Path(args.out), Path(args.report)
     start = time.perf_counter()
-    rows = run_study(study, out, args.size, args.seeds)
+    rows = run_study(study, out, args.size, args.seeds, args.jobs)
     wall = sum(float(r["wall_seconds"]) for r in rows)
     write_csv(rows, report_dir / f"{study.name}.csv")
     command = "fedtune " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["study"] else f"fedtune study {study.name}"
@@ -47,5 +49,6 @@ def add_study_command(sub: Any) -> None:
     study.add_argument("--size", choices=["cpu", "gpu"], default="cpu")
     study.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     study.add_argument("--settings", nargs="+", default=None, help="run only these settings of the study")
+    study.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (default 1)")
     study.add_argument("--report", default="docs/results", help="folder for <study>.md, its CSV and plots")
     study.set_defaults(func=cmd_study)

@@ -136,8 +136,8 @@ STUDIES: dict[str, Study] = {
                 {
                     "cpu": {"rounds": 3, "local_steps": 2, "fraction": 0.5, "batch_size": 4, "max_seq_len": 192,
                             "max_eval_examples": 80, "max_client_eval_examples": 10},
-                    "gpu": {"rounds": 20, "local_steps": 20, "batch_size": 8, "max_seq_len": 512, "max_eval_examples": 80,
-                            "max_client_eval_examples": 50, **GPU_RUNTIME},
+                    "gpu": {"rounds": 8, "local_steps": 10, "fraction": 1.0, "batch_size": 8, "max_seq_len": 256,
+                            "max_eval_examples": 200, "max_client_eval_examples": 50, **GPU_RUNTIME},
                 },  # fmt: skip
                 SHARE_VARIANTS,
             ),
@@ -158,8 +158,8 @@ STUDIES: dict[str, Study] = {
                 {
                     "cpu": {"clients": 5, "rounds": 2, "local_steps": 3, "batch_size": 4, "max_seq_len": 160,
                             "max_train_examples": 2000, "max_eval_examples": 150, "eval_every": 2},
-                    "gpu": {"clients": 10, "rounds": 10, "local_steps": 30, "batch_size": 8, "max_seq_len": 256,
-                            "max_eval_examples": 1000, **GPU_RUNTIME},
+                    "gpu": {"clients": 10, "rounds": 5, "local_steps": 10, "batch_size": 8, "max_seq_len": 256,
+                            "max_eval_examples": 1000, "eval_every": 1, **GPU_RUNTIME},
                 },  # fmt: skip
                 BEYOND_VARIANTS_LLM,
             ),

@@ -15,6 +15,7 @@ import torch
 from fedtune.plots import line_plot
 from fedtune.rundir import read_metrics
 from fedtune.studies.definitions import Study
+from fedtune.studies.runner import RUNTIME_COLUMNS
 
 
 def mean_std(values: Sequence[float | None]) -> tuple[float, float, int]:
@@ -60,6 +61,14 @@ def plot_setting(rows: list[dict[str, Any]], metric: str, out_dir: Path, prefix:
     return written
 
 
+def _extra_cell(values: list[Any], column: str) -> str:
+    if column.endswith("_bytes"):
+        return fmt(values, 2**-20, 1) + " MiB"
+    if column == "train_tokens_per_second":
+        return fmt(values, digits=0)
+    return fmt(values)
+
+
 def write_report(study: Study, rows: list[dict[str, Any]], report_dir: Path, size: str, seeds: list[int], wall_seconds: float, command: str, skipped: Sequence[str] = ()) -> Path:
     figures = report_dir / study.name
     lines = [
@@ -80,7 +89,7 @@ def write_report(study: Study, rows: list[dict[str, Any]], report_dir: Path, siz
         if not setting_rows:
             continue
         metric = setting_rows[0]["primary_metric"]
-        extra_columns = [k for k in study.extra_metrics if any(r.get(k) is not None for r in setting_rows)]
+        extra_columns = [k for k in (*study.extra_metrics, *RUNTIME_COLUMNS) if any(r.get(k) is not None for r in setting_rows)]
         final_columns = sorted({k for r in setting_rows for k in r if k.startswith("final_") and k != f"final_{metric}"})
         similarity = [k for k in ("similarity_A", "similarity_B", "similarity_dW") if any(r.get(k) is not None for r in setting_rows)]
         header = ["variant", f"final {metric}", f"best {metric}", *[c.removeprefix("final_") for c in final_columns], *extra_columns, *similarity, "uplink / run (MiB)", "wall / run (s)"]
@@ -92,7 +101,7 @@ def write_report(study: Study, rows: list[dict[str, Any]], report_dir: Path, siz
                 continue
             cells = [variant, fmt([r["final"] for r in vr]), fmt([r["best"] for r in vr])]
             cells += [fmt([r.get(c) for r in vr]) for c in final_columns]
-            cells += [fmt([r.get(c) for r in vr], 2**-20, 1) + " MiB" if c.endswith("_bytes") else fmt([r.get(c) for r in vr]) for c in extra_columns]
+            cells += [_extra_cell([r.get(c) for r in vr], c) for c in extra_columns]
             cells += [fmt([r.get(c) for r in vr], digits=3) for c in similarity]
             cells += [fmt([r["total_bytes_up"] for r in vr], 2**-20, 2), fmt([r["wall_seconds"] for r in vr], digits=0)]
             lines.append("| " + " | ".join(cells) + " |")

@@ -4,6 +4,11 @@ Runs go to ``OUT/<setting>/<variant>/seed<k>/`` (ordinary run directories). A ru
 ``summary.json`` exists is reused, so an interrupted study continues where it stopped,
 but only when its stored config is the one the study asks for now: a run left from an
 earlier definition (another learning rate, say) is run again rather than reported.
+
+``jobs > 1`` runs that many runs at once, each in its own process: a small model leaves a
+large GPU mostly idle, and separate processes keep one run's CPU-side work (data, kernel
+launches) from stalling another's. Runs are independent and seeded, so the rows are the
+same as one at a time, up to the floating-point effect of giving each process fewer threads.
 """
 
 from __future__ import annotations
@@ -11,9 +16,11 @@ from __future__ import annotations
 import csv
 import gc
 import json
+import multiprocessing
+import os
 import re
 import sys
-import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -81,39 +88,75 @@ def similarity_means(run_dir: Path) -> dict[str, float]:
     return {f"similarity_{m}": block.get(m) for m in ("A", "B", "dW")}
 
 
-def run_study(study: Study, out: Path, size: str, seeds: list[int]) -> list[dict[str, Any]]:
-    jobs = [(s, label, variant, seed) for s in study.settings for label, variant in s.variants.items() for seed in seeds]
-    rows = []
-    for setting, label, variant, seed in tqdm(jobs, desc=f"study {study.name}"):
+#: what every run reports about its runtime, worth a column when a setting's runs have it
+RUNTIME_COLUMNS = ("train_tokens_per_second", "gpu_peak_memory_bytes")
+
+
+def _limit_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _run_in_worker(job: tuple[Path, list[str], Path]) -> dict[str, Any]:
+    return run_one(*job)
+
+
+def run_study(study: Study, out: Path, size: str, seeds: list[int], jobs: int = 1) -> list[dict[str, Any]]:
+    grid = [(s, label, variant, seed) for s in study.settings for label, variant in s.variants.items() for seed in seeds]
+    specs = []
+    for setting, label, variant, seed in grid:
         run_dir = out / setting.name / slug(label) / f"seed{seed}"
         overrides = _overrides({**setting.overrides[size], **variant, "seed": seed, "progress": False})
-        start = time.perf_counter()
-        summary = run_one(ROOT / setting.base, overrides, run_dir)
-        row: dict[str, Any] = {
-            "setting": setting.name,
-            "variant": label,
-            "seed": seed,
-            "method": summary["method"],
-            "run_dir": str(run_dir),
-            "primary_metric": summary["primary_metric"],
-            "final": summary["final"].get(summary["primary_metric"]),
-            "best": summary["best"].get(summary["primary_metric"]),
-            "total_bytes_up": summary["total_bytes_up"],
-            "total_bytes_down": summary["total_bytes_down"],
-            "wall_seconds": summary.get("wall_seconds", time.perf_counter() - start),
-            "trainable_params": summary["trainable_params"],
-        }
-        for key, value in summary["final"].items():
-            row[f"final_{key}"] = value
-        history = read_metrics(run_dir)
-        for metric in study.extra_metrics:
-            values = [r[metric] for r in history if metric in r]
-            row[metric] = max(values) if metric.endswith("_bytes") else (values[-1] if values else None)
-        if study.analyze:
-            row.update(similarity_means(run_dir))
-        rows.append(row)
+        specs.append((ROOT / setting.base, overrides, run_dir))
+    bar = tqdm(total=len(specs), desc=f"study {study.name}")
+    if jobs > 1:
+        # spawn, not fork: a forked child of a process that touched CUDA cannot use it
+        context = multiprocessing.get_context("spawn")
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_limit_threads, initargs=(threads,)) as pool:
+            summaries = []
+            for summary in pool.map(_run_in_worker, specs):
+                summaries.append(summary)
+                bar.update(1)
+    else:
+        summaries = []
+        for spec in specs:
+            summaries.append(run_one(*spec))
+            bar.update(1)
+    bar.close()
+    rows = [_row(study, setting, label, seed, spec[2], summary) for (setting, label, _, seed), spec, summary in zip(grid, specs, summaries)]
     write_csv(rows, out / "results.csv")
     return rows
+
+
+def _row(study: Study, setting: Any, label: str, seed: int, run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "setting": setting.name,
+        "variant": label,
+        "seed": seed,
+        "method": summary["method"],
+        "run_dir": str(run_dir),
+        "primary_metric": summary["primary_metric"],
+        "final": summary["final"].get(summary["primary_metric"]),
+        "best": summary["best"].get(summary["primary_metric"]),
+        "total_bytes_up": summary["total_bytes_up"],
+        "total_bytes_down": summary["total_bytes_down"],
+        "wall_seconds": summary["wall_seconds"],
+        "trainable_params": summary["trainable_params"],
+    }
+    for key, value in summary["final"].items():
+        row[f"final_{key}"] = value
+    for key in RUNTIME_COLUMNS:
+        if summary.get(key) is not None:
+            row[key] = summary[key]
+    history = read_metrics(run_dir)
+    for metric in study.extra_metrics:
+        values = [r[metric] for r in history if metric in r]
+        row[metric] = max(values) if metric.endswith("_bytes") else (values[-1] if values else None)
+    if study.analyze:
+        row.update(similarity_means(run_dir))
+    return row
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
