@@ -40,7 +40,9 @@ def test_tiny_llama_federation_trains_on_cuda_in_bf16(gen_file: Path, tmp_path: 
     assert summary["train_tokens_per_second"] > 0
     assert math.isfinite(summary["final_train_loss"])
     assert all(math.isfinite(v) for v in summary["final"].values())
-    assert max_abs_diff(sim.server, sim.fed.initial_state()) > 0, "the global state should move"
+    initial = sim.fed.initial_state()
+    shared = {k: initial[k] for k in sim.server}  # Fed-ALoRA's server holds B only; its A's stay on the clients
+    assert max_abs_diff(sim.server, shared) > 0, "the global state should move"
     exported = out / ("model" if method.startswith("fedavg-") else "adapter")
     assert any(exported.glob("*.safetensors"))
 

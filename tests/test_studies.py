@@ -40,7 +40,8 @@ def test_study_grid_report_and_resume(tiny_study: Study, tmp_path: Path, capsys)
     assert sorted((r["variant"], r["seed"]) for r in rows) == sorted([("FedIT", "0"), ("FedIT", "1"), ("Fed-ALoRA", "0"), ("Fed-ALoRA", "1")])
     assert all(0.0 <= float(r["final"]) <= 1.0 for r in rows)
     text = (report / "tiny.md").read_text()
-    assert "| FedIT | " in text and "| Fed-ALoRA | " in text and "± " in text and "Hardware:" in text
+    assert "| FedIT | " in text and "| Fed-ALoRA | " in text and "± " in text and "Report written on:" in text
+    assert "Runs' device (from their summaries): cpu." in text
     assert (report / "tiny" / "tiny-setting_accuracy_vs_round.png").exists()
     assert (report / "tiny" / "tiny-setting_accuracy_vs_uplink.png").exists()
     summary = out / "tiny-setting" / "fedit" / "seed0" / "summary.json"
@@ -81,6 +82,25 @@ def test_parallel_jobs_give_the_rows_of_a_sequential_study(tiny_study: Study, tm
     for a, b in zip(sequential, parallel):  # the tiny runs use one thread each, so the results are bit-identical
         assert (a["final"], a["total_bytes_up"], a["final_accuracy"]) == (b["final"], b["total_bytes_up"], b["final_accuracy"])
     assert float(parallel[0]["train_tokens_per_second"]) > 0
+
+
+def test_finished_only_reports_what_is_done_and_runs_nothing(tiny_study: Study, tmp_path: Path, capsys) -> None:
+    out, report = tmp_path / "study", tmp_path / "docs"
+    assert main(["study", "tiny", "--out", str(out), "--seeds", "0", "--report", str(report)]) == 0
+    args = ["study", "tiny", "--out", str(out), "--seeds", "0", "1", "--finished-only", "--report", str(report)]
+    assert main(args) == 0
+    assert not (out / "tiny-setting" / "fedit" / "seed1").exists()  # nothing was run
+    with open(report / "tiny.csv") as f:
+        assert sorted((r["variant"], r["seed"]) for r in csv.DictReader(f)) == [("Fed-ALoRA", "0"), ("FedIT", "0")]
+    text = (report / "tiny.md").read_text()
+    assert "2 of 4 runs finished; not finished: tiny-setting / FedIT / seed 1; tiny-setting / Fed-ALoRA / seed 1." in text
+    assert "| variant | runs | final accuracy |" in text and "| FedIT | 1 | " in text
+
+
+def test_finished_only_with_nothing_finished_is_a_usage_error(tiny_study: Study, tmp_path: Path, capsys) -> None:
+    assert main(["study", "tiny", "--out", str(tmp_path / "s"), "--finished-only", "--report", str(tmp_path / "docs")]) == 2
+    assert "no finished runs of study tiny" in capsys.readouterr().err
+    assert not (tmp_path / "docs").exists()
 
 
 def test_jobs_below_one_is_a_usage_error(tiny_study: Study, tmp_path: Path, capsys) -> None:

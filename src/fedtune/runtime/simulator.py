@@ -198,6 +198,7 @@ class Simulator:
             **_throughput(self.history),
             **describe(fed),
             "device": str(fed.device),
+            "accelerator": torch.cuda.get_device_name(fed.device) if fed.device.type == "cuda" else None,
             "seed": self.config.seed,
         }
 

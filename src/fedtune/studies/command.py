@@ -1,4 +1,4 @@
-"""``fedtune study STUDY --out DIR [--size cpu|gpu] [--seeds 0 1 2] [--settings NAME ...] [--jobs N] [--report docs/results]``."""
+"""``fedtune study STUDY --out DIR [--size cpu|gpu] [--seeds 0 1 2] [--settings NAME ...] [--jobs N] [--finished-only] [--report docs/results]``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 def cmd_study(args: argparse.Namespace) -> int:
     from fedtune.errors import UsageError
     from fedtune.studies.report import write_report
-    from fedtune.studies.runner import run_study, study_named, write_csv
+    from fedtune.studies.runner import run_study, study_named, unfinished_runs, write_csv
 
     study = study_named(args.study)
     if len(args.seeds) < 1:
@@ -31,11 +31,14 @@ def cmd_study(args: argparse.Namespace) -> int:
         study = dataclasses.replace(study, settings=tuple(s for s in study.settings if s.name in args.settings))
     out, report_dir = Path(args.out), Path(args.report)
     start = time.perf_counter()
-    rows = run_study(study, out, args.size, args.seeds, args.jobs)
+    missing = unfinished_runs(study, out, args.size, args.seeds) if args.finished_only else []
+    rows = run_study(study, out, args.size, args.seeds, args.jobs, finished_only=args.finished_only)
+    if not rows:
+        raise UsageError(f"no finished runs of study {study.name} (size {args.size}) under {out}")
     wall = sum(float(r["wall_seconds"]) for r in rows)
     write_csv(rows, report_dir / f"{study.name}.csv")
     command = "fedtune " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["study"] else f"fedtune study {study.name}"
-    report = write_report(study, rows, report_dir, args.size, args.seeds, wall, command, skipped)
+    report = write_report(study, rows, report_dir, args.size, args.seeds, wall, command, skipped, missing)
     print(f"{len(rows)} runs in {(time.perf_counter() - start) / 60:.1f} min; report: {report}")
     return 0
 
@@ -50,5 +53,8 @@ def add_study_command(sub: Any) -> None:
     study.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     study.add_argument("--settings", nargs="+", default=None, help="run only these settings of the study")
     study.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (default 1)")
+    study.add_argument(
+        "--finished-only", action="store_true", help="run nothing: report the runs already finished, and list the missing ones"
+    )
     study.add_argument("--report", default="docs/results", help="folder for <study>.md, its CSV and plots")
     study.set_defaults(func=cmd_study)

@@ -69,7 +69,17 @@ def _extra_cell(values: list[Any], column: str) -> str:
     return fmt(values)
 
 
-def write_report(study: Study, rows: list[dict[str, Any]], report_dir: Path, size: str, seeds: list[int], wall_seconds: float, command: str, skipped: Sequence[str] = ()) -> Path:
+def write_report(
+    study: Study,
+    rows: list[dict[str, Any]],
+    report_dir: Path,
+    size: str,
+    seeds: list[int],
+    wall_seconds: float,
+    command: str,
+    skipped: Sequence[str] = (),
+    missing: Sequence[str] = (),
+) -> Path:
     figures = report_dir / study.name
     lines = [
         f"# Study `{study.name}`",
@@ -77,13 +87,16 @@ def write_report(study: Study, rows: list[dict[str, Any]], report_dir: Path, siz
         study.question,
         "",
         f"- Size: **{size}** ({'about 2 h on 2 CPU cores' if size == 'cpu' else 'GPU budget'}); seeds {seeds}.",
-        f"- Hardware: {hardware()}.",
-        f"- Wall time of the runs: {wall_seconds / 60:.1f} min (runs reused from an earlier invocation count their own time).",
+        f"- Report written on: {hardware()}.",
+        f"- Runs' device (from their summaries): {', '.join(sorted({str(r.get('device')) for r in rows}))}.",
+        f"- Wall time of the runs: {wall_seconds / 60:.1f} min, summed over runs (runs reused from an earlier invocation count their own time; runs made with `--jobs` overlap).",
         f"- Reproduce: `{command}`; every run directory is listed in `{study.name}.csv`.",
         "",
     ]
     if skipped:
         lines += [f"**Partial report**: the settings {', '.join(skipped)} of this study were not run for it.", ""]
+    if missing:
+        lines += [f"**Partial report**: {len(rows)} of {len(rows) + len(missing)} runs finished; not finished: {'; '.join(missing)}.", ""]
     for setting in study.settings:
         setting_rows = [r for r in rows if r["setting"] == setting.name]
         if not setting_rows:
@@ -92,14 +105,14 @@ def write_report(study: Study, rows: list[dict[str, Any]], report_dir: Path, siz
         extra_columns = [k for k in (*study.extra_metrics, *RUNTIME_COLUMNS) if any(r.get(k) is not None for r in setting_rows)]
         final_columns = sorted({k for r in setting_rows for k in r if k.startswith("final_") and k != f"final_{metric}"})
         similarity = [k for k in ("similarity_A", "similarity_B", "similarity_dW") if any(r.get(k) is not None for r in setting_rows)]
-        header = ["variant", f"final {metric}", f"best {metric}", *[c.removeprefix("final_") for c in final_columns], *extra_columns, *similarity, "uplink / run (MiB)", "wall / run (s)"]
+        header = ["variant", *(["runs"] if missing else []), f"final {metric}", f"best {metric}", *[c.removeprefix("final_") for c in final_columns], *extra_columns, *similarity, "uplink / run (MiB)", "wall / run (s)"]
         lines += [f"## {setting.name}", "", f"Base config `{setting.base}` with the `{size}` overrides {setting.overrides[size]}.", ""]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for variant in setting.variants:
             vr = [r for r in setting_rows if r["variant"] == variant]
             if not vr:
                 continue
-            cells = [variant, fmt([r["final"] for r in vr]), fmt([r["best"] for r in vr])]
+            cells = [variant, *([str(len(vr))] if missing else []), fmt([r["final"] for r in vr]), fmt([r["best"] for r in vr])]
             cells += [fmt([r.get(c) for r in vr]) for c in final_columns]
             cells += [_extra_cell([r.get(c) for r in vr], c) for c in extra_columns]
             cells += [fmt([r.get(c) for r in vr], digits=3) for c in similarity]

@@ -102,13 +102,35 @@ def _run_in_worker(job: tuple[Path, list[str], Path]) -> dict[str, Any]:
     return run_one(*job)
 
 
-def run_study(study: Study, out: Path, size: str, seeds: list[int], jobs: int = 1) -> list[dict[str, Any]]:
-    grid = [(s, label, variant, seed) for s in study.settings for label, variant in s.variants.items() for seed in seeds]
-    specs = []
-    for setting, label, variant, seed in grid:
-        run_dir = out / setting.name / slug(label) / f"seed{seed}"
-        overrides = _overrides({**setting.overrides[size], **variant, "seed": seed, "progress": False})
-        specs.append((ROOT / setting.base, overrides, run_dir))
+def _grid(study: Study, out: Path, size: str, seeds: list[int]) -> list[tuple[tuple[Any, str, int], tuple[Path, list[str], Path]]]:
+    """((setting, variant label, seed), (base config, overrides, run directory)) for every run."""
+    grid = []
+    for setting in study.settings:
+        for label, variant in setting.variants.items():
+            for seed in seeds:
+                overrides = _overrides({**setting.overrides[size], **variant, "seed": seed, "progress": False})
+                grid.append(((setting, label, seed), (ROOT / setting.base, overrides, out / setting.name / slug(label) / f"seed{seed}")))
+    return grid
+
+
+def _finished(spec: tuple[Path, list[str], Path]) -> bool:
+    base, overrides, run_dir = spec
+    return reusable(run_dir, dump_config(load_config(base, overrides)))
+
+
+def unfinished_runs(study: Study, out: Path, size: str, seeds: list[int]) -> list[str]:
+    """'setting / variant / seed k' of every run of the grid not finished with its current config."""
+    return [f"{s.name} / {label} / seed {seed}" for (s, label, seed), spec in _grid(study, out, size, seeds) if not _finished(spec)]
+
+
+def run_study(
+    study: Study, out: Path, size: str, seeds: list[int], jobs: int = 1, finished_only: bool = False
+) -> list[dict[str, Any]]:
+    """Run (or reuse) every run of the grid; ``finished_only`` runs nothing and collects the finished ones."""
+    grid = _grid(study, out, size, seeds)
+    if finished_only:
+        grid = [(key, spec) for key, spec in grid if _finished(spec)]
+    specs = [spec for _, spec in grid]
     bar = tqdm(total=len(specs), desc=f"study {study.name}")
     if jobs > 1:
         # spawn, not fork: a forked child of a process that touched CUDA cannot use it
@@ -125,7 +147,7 @@ def run_study(study: Study, out: Path, size: str, seeds: list[int], jobs: int = 
             summaries.append(run_one(*spec))
             bar.update(1)
     bar.close()
-    rows = [_row(study, setting, label, seed, spec[2], summary) for (setting, label, _, seed), spec, summary in zip(grid, specs, summaries)]
+    rows = [_row(study, setting, label, seed, spec[2], summary) for ((setting, label, seed), spec), summary in zip(grid, summaries)]
     write_csv(rows, out / "results.csv")
     return rows
 
@@ -144,6 +166,7 @@ def _row(study: Study, setting: Any, label: str, seed: int, run_dir: Path, summa
         "total_bytes_down": summary["total_bytes_down"],
         "wall_seconds": summary["wall_seconds"],
         "trainable_params": summary["trainable_params"],
+        "device": summary.get("accelerator") or summary.get("device"),
     }
     for key, value in summary["final"].items():
         row[f"final_{key}"] = value
