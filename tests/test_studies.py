@@ -141,3 +141,23 @@ def test_settings_filter_runs_only_the_named_setting(tiny_study: Study, tmp_path
     assert main(["study", "tiny", "--out", str(out), "--settings", "nope"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "has no setting 'nope'" in err
+
+
+def test_round_plots_tick_whole_rounds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three rounds must not be ticked at 1.25, 1.5, ...: a round is a whole number."""
+    from matplotlib.figure import Figure
+
+    from fedtune.plots import line_plot
+
+    ticks: list[list[float]] = []
+
+    def record_ticks(figure: Figure, *args: object, **kwargs: object) -> None:
+        figure.canvas.draw()
+        ticks.append(list(figure.axes[0].get_xticks()))
+
+    monkeypatch.setattr(Figure, "savefig", record_ticks)
+    curves = {"a": ([1, 2, 3], [2.7, 2.69, 2.68])}
+    line_plot(curves, "round", "loss", tmp_path / "r.png", integer_x=True)
+    line_plot(curves, "round", "loss", tmp_path / "f.png")
+    assert ticks[0] and all(float(t).is_integer() for t in ticks[0])
+    assert not all(float(t).is_integer() for t in ticks[1])  # the default would tick fractions

@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 #: per-round fields that are bookkeeping, not metrics
 NOT_METRICS = {"round", "num_examples", "replies", "dp_delta", "dp_noise_std"}
@@ -38,13 +39,19 @@ def line_plot(
     title: str = "",
     figsize: tuple[float, float] = (5, 3.5),
     dpi: int = 100,
+    integer_x: bool = False,
 ) -> Path:
-    """One PNG with a line per labelled (x, y) curve; a legend when there is more than one."""
+    """One PNG with a line per labelled (x, y) curve; a legend when there is more than one.
+
+    `integer_x` keeps x ticks on whole numbers (rounds), which matplotlib would otherwise put at 1.25, 1.5, ...
+    """
     fig, ax = plt.subplots(figsize=figsize)
     for label, (xs, ys) in curves.items():
         ax.plot(xs, ys, marker="o", label=label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    if integer_x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -59,7 +66,7 @@ def line_plot(
 def plot_run(rows: Sequence[dict[str, Any]], out_dir: Path, primary: str, title: str = "") -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [
-        line_plot({name: (rounds, values)}, "round", name, out_dir / f"{name}_vs_round.png", f"{title} {name}".strip())
+        line_plot({name: (rounds, values)}, "round", name, out_dir / f"{name}_vs_round.png", f"{title} {name}".strip(), integer_x=True)
         for name, (rounds, values) in numeric_series(rows).items()
     ]
     points = [(row.get("cumulative_bytes_up"), row.get(primary)) for row in rows]

@@ -57,7 +57,7 @@ def plot_setting(rows: list[dict[str, Any]], metric: str, out_dir: Path, prefix:
     for x, label, scale in (("round", "round", 1.0), ("cumulative_bytes_up", "cumulative uplink (MiB)", 2**-20)):
         curves = {variant: ([v * scale for v in xs], ys) for variant, (xs, ys) in _curves(rows, metric, x).items()}
         path = out_dir / f"{prefix}_{metric}_vs_{'round' if x == 'round' else 'uplink'}.png"
-        written.append(line_plot(curves, label, f"{metric} (mean over seeds)", path, figsize=(6.5, 4), dpi=110))
+        written.append(line_plot(curves, label, f"{metric} (mean over seeds)", path, figsize=(6.5, 4), dpi=110, integer_x=x == "round"))
     return written
 
 
