@@ -143,21 +143,23 @@ def test_settings_filter_runs_only_the_named_setting(tiny_study: Study, tmp_path
     assert err.count("\n") == 0 and "has no setting 'nope'" in err
 
 
-def test_round_plots_tick_whole_rounds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Three rounds must not be ticked at 1.25, 1.5, ...: a round is a whole number."""
+def test_round_plots_tick_whole_rounds(tiny_study: Study, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rounds are whole numbers: neither a run's plots nor a study's may tick them at 1.2, 1.4, ..."""
     from matplotlib.figure import Figure
 
-    from fedtune.plots import line_plot
+    round_ticks: dict[str, list[float]] = {}
+    save = Figure.savefig
 
-    ticks: list[list[float]] = []
+    def record_round_ticks(figure: Figure, path: object, *args: object, **kwargs: object) -> None:
+        axes = figure.axes[0]
+        if axes.get_xlabel() == "round":
+            figure.canvas.draw()
+            round_ticks[Path(str(path)).name] = list(axes.get_xticks())
+        save(figure, path, *args, **kwargs)
 
-    def record_ticks(figure: Figure, *args: object, **kwargs: object) -> None:
-        figure.canvas.draw()
-        ticks.append(list(figure.axes[0].get_xticks()))
-
-    monkeypatch.setattr(Figure, "savefig", record_ticks)
-    curves = {"a": ([1, 2, 3], [2.7, 2.69, 2.68])}
-    line_plot(curves, "round", "loss", tmp_path / "r.png", integer_x=True)
-    line_plot(curves, "round", "loss", tmp_path / "f.png")
-    assert ticks[0] and all(float(t).is_integer() for t in ticks[0])
-    assert not all(float(t).is_integer() for t in ticks[1])  # the default would tick fractions
+    monkeypatch.setattr(Figure, "savefig", record_round_ticks)
+    out, report = tmp_path / "study", tmp_path / "docs"
+    assert main(["study", "tiny", "--out", str(out), "--seeds", "0", "--report", str(report)]) == 0
+    assert "tiny-setting_accuracy_vs_round.png" in round_ticks  # the study's plot
+    assert "accuracy_vs_round.png" in round_ticks  # a run's own plot
+    assert all(float(t).is_integer() for ticks in round_ticks.values() for t in ticks), round_ticks

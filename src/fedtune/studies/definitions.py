@@ -135,7 +135,7 @@ STUDIES: dict[str, Study] = {
                 "configs/smollm2-dolly-fed-alora.yaml",
                 {
                     # evaluation is most of a CPU run here (10 personal models a round): 64/6 examples keep
-                    # the whole study, 20NG included, inside 2 h on 2 cores (80/10 took 121 min uncontended)
+                    # the whole study, 20NG included, inside 2 h on 2 cores (80/10 took about 121 min on a slower 2-core machine)
                     "cpu": {"rounds": 3, "local_steps": 2, "fraction": 0.5, "batch_size": 4, "max_seq_len": 192,
                             "max_eval_examples": 64, "max_client_eval_examples": 6},
                     "gpu": {"rounds": 8, "local_steps": 10, "fraction": 1.0, "batch_size": 8, "max_seq_len": 256,
