@@ -84,3 +84,22 @@ def tiny_overrides(dataset: Path, **extra: object) -> list[str]:
     }
     settings.update(extra)
     return [f"{k}={v}" for k, v in settings.items()]
+
+
+# name -> overrides; every method, homogeneous and heterogeneous
+METHOD_CASES: dict[str, dict[str, object]] = {
+    "fedit": {"method": "fedit"},
+    "ffa-lora": {"method": "ffa-lora"},
+    "fedsa-lora": {"method": "fedsa-lora"},
+    "fed-alora": {"method": "fed-alora"},
+    "fed-alora-keep": {"method": "fed-alora", "fed_alora.a_persistence": "keep"},
+    "local-only": {"method": "local-only"},
+    "fedavg-full": {"method": "fedavg-full"},
+    "fedavg-galore": {"method": "fedavg-galore", "galore.rank": 2},
+    "hetlora": {"method": "hetlora", "ranks": "[2,4,8,8]"},
+    "flexlora": {"method": "flexlora", "ranks": "[2,4,8,8]"},
+    "flora": {"method": "flora", "ranks": "[2,4,8,8]"},
+    "fed-alora-decomposed": {"method": "fed-alora", "ranks": "[2,4,8,8]"},
+    "hafl-freezing": {"method": "hafl", "ranks": "[2,4,8,8]"},
+    "hafl-truncation": {"method": "hafl", "ranks": "[2,4,8,8]", "hafl.scheme": "truncation"},
+}

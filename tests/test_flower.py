@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides, write_classification_jsonl
+from conftest import METHOD_CASES, tiny_overrides, write_classification_jsonl
 from helpers import run_tiny
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -27,23 +27,7 @@ from fedtune.state import is_bookkeeping, max_abs_diff
 
 pytestmark = pytest.mark.slow
 
-# name -> overrides; every method, homogeneous and heterogeneous
-CASES: dict[str, dict[str, object]] = {
-    "fedit": {"method": "fedit"},
-    "ffa-lora": {"method": "ffa-lora"},
-    "fedsa-lora": {"method": "fedsa-lora"},
-    "fed-alora": {"method": "fed-alora"},
-    "fed-alora-keep": {"method": "fed-alora", "fed_alora.a_persistence": "keep"},
-    "local-only": {"method": "local-only"},
-    "fedavg-full": {"method": "fedavg-full"},
-    "fedavg-galore": {"method": "fedavg-galore", "galore.rank": 2},
-    "hetlora": {"method": "hetlora", "ranks": "[2,4,8,8]"},
-    "flexlora": {"method": "flexlora", "ranks": "[2,4,8,8]"},
-    "flora": {"method": "flora", "ranks": "[2,4,8,8]"},
-    "fed-alora-decomposed": {"method": "fed-alora", "ranks": "[2,4,8,8]"},
-    "hafl-freezing": {"method": "hafl", "ranks": "[2,4,8,8]"},
-    "hafl-truncation": {"method": "hafl", "ranks": "[2,4,8,8]", "hafl.scheme": "truncation"},
-}
+CASES = METHOD_CASES
 FAULTS = {
     "method": "fedit",
     "rounds": 3,

@@ -81,7 +81,8 @@ def test_hetlora_truncation_takes_the_first_components() -> None:
     server = method.server_init({"m.lora_A": a, "m.lora_B": b})
     received = method.download(server, 0)
     assert received["m.lora_A"].shape == (2, D_IN) and received["m.lora_B"].shape == (D_OUT, 2)
-    assert torch.equal(received["m.lora_A"], a[:2]) and torch.equal(received["m.lora_B"], b[:, :2])
+    # B at the rank-2 client's scale: s(2) B_k = s(4) B[:, :2], s = 16 / r
+    assert torch.equal(received["m.lora_A"], a[:2]) and torch.equal(received["m.lora_B"], b[:, :2] * 0.5)
 
 
 def test_hetlora_rank_r_client_never_holds_more_than_r_components(cls_file: Path) -> None:
@@ -315,20 +316,20 @@ def test_hafl_freezing_keeps_frozen_components_bit_identical(cls_file: Path) -> 
             sim.store.put(client, turn.local)
 
 
-def test_hafl_truncation_sends_the_top_scored_components() -> None:
+def test_hafl_truncation_sends_the_top_components_by_server_importance() -> None:
     plan = RankPlan((2, 4), server_rank=4)
     method = HAFL(plan, HAFLSettings(scheme="truncation"))
     b, a = factors(4, 50)
     server = method.server_init({"m.lora_A": a, "m.lora_B": b})
-    assert method.download(server, 0)["m" + INDEX_SUFFIX].tolist() == [0, 1]
+    assert method.download(server, 0)["m" + INDEX_SUFFIX].tolist() == [0, 1]  # nothing measured yet
+    # the rank-4 client held every component and found 2 and 3 the most important
     upload = {
-        "m.lora_A": a[[0, 1]],
-        "m.lora_B": b[:, [0, 1]],
-        "m" + INDEX_SUFFIX: torch.tensor([0, 1], dtype=torch.int32),
-        "m.hafl_score": torch.tensor([0.1, 0.2]),
+        "m.lora_A": a,
+        "m.lora_B": b,
+        "m" + INDEX_SUFFIX: torch.tensor([0, 1, 2, 3], dtype=torch.int32),
+        "m.hafl_score": torch.tensor([0.1, 0.2, 0.9, 0.5], dtype=torch.float64),
     }
-    server = method.aggregate(server, [ClientUpload(0, 1, upload)])
-    server["_hafl.scores.m"][0] = torch.tensor([0.1, 0.2, 0.9, 0.5])
+    server = method.aggregate(server, [ClientUpload(1, 1, upload)])
     received = method.download(server, 0)
     assert received["m" + INDEX_SUFFIX].tolist() == [2, 3]
     assert torch.equal(received["m.lora_A"], server["m.lora_A"][[2, 3]])

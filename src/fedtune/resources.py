@@ -73,6 +73,19 @@ class RankPlan:
     def scale(self, rank: int) -> float:
         return lora_scale(self.alpha, rank, self.rslora)
 
+    def to_client_scale(self, rank: int) -> float:
+        """s(r_max) / s(r_k): multiply the server's B by this to get a rank-r_k client's B.
+
+        A rank-r_k adapter runs at s_k = s(r_k), the server's factors at s(r_max); with
+        B_k = B * s(r_max) / s(r_k) the client's s_k B_k A equals the server's s(r_max) B A,
+        so the same Delta W is meant on both sides.
+        """
+        return self.scale(self.server_rank) / self.scale(rank)
+
+    def to_server_scale(self, rank: int) -> float:
+        """s(r_k) / s(r_max): multiply a rank-r_k client's B by this to get the server's."""
+        return self.scale(rank) / self.scale(self.server_rank)
+
     @classmethod
     def from_config(cls, config: Any) -> RankPlan:
         return cls(tuple(config.client_ranks), config.server_rank, config.lora.alpha, config.lora.rslora)

@@ -89,6 +89,11 @@ def pad_rank(state: Mapping[str, torch.Tensor], rank: int) -> State:
     return out
 
 
+def scale_b(state: Mapping[str, torch.Tensor], factor: float) -> State:
+    """Every LoRA B factor multiplied by ``factor`` (moving factors between rank scales); other keys as they are."""
+    return {k: v * factor if k.endswith(LORA_B_SUFFIX) and not is_bookkeeping(k) else v for k, v in state.items()}
+
+
 def select(state: Mapping[str, torch.Tensor], keys: Iterable[str]) -> State:
     return {k: state[k] for k in keys if k in state}
 
@@ -97,12 +102,19 @@ def clone(state: Mapping[str, torch.Tensor]) -> State:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
+def travels_exact(key: str, tensor: torch.Tensor) -> bool:
+    """Whether ``key`` crosses the wire in its own dtype whatever ``wire_dtype`` says: integer
+    tensors (indices), and merged base weights (FLoRA's W), which the server and each client
+    must hold bit for bit alike and which a bf16 copy would round far more than an update."""
+    return not tensor.is_floating_point() or key.endswith(BASE_SUFFIX)
+
+
 def num_bytes(state: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None) -> int:
     """Exact bytes of the tensors' data, floating tensors as sent in ``dtype`` (their own
-    dtype if None); integer tensors (indices) always in their own dtype."""
+    dtype if None); what :func:`travels_exact` always in its own dtype."""
     total = 0
-    for tensor in state.values():
-        wire = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+    for key, tensor in state.items():
+        wire = dtype if dtype is not None and not travels_exact(key, tensor) else tensor.dtype
         total += tensor.numel() * torch.empty((), dtype=wire).element_size()
     return total
 
@@ -135,9 +147,10 @@ def through_wire(state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> State
 
     Rounding to bf16/fp16 is real information loss; the simulator applies it so that a
     run with ``wire_dtype=bfloat16`` measures its effect rather than just its bytes.
+    Casting twice gives the same values as casting once, so a sender may round first.
     """
     return {
-        k: v.detach().to(dtype).to(v.dtype) if v.is_floating_point() and v.dtype != dtype else v.detach().clone()
+        k: v.detach().to(dtype).to(v.dtype) if not travels_exact(k, v) and v.dtype != dtype else v.detach().clone()
         for k, v in state.items()
     }
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from fedtune.errors import UsageError
 from fedtune.methods.base import ClientUpload, FederatedMethod, HeadPlacement, Placement, RoleSharingMethod, data_weights
 from fedtune.methods.registry import register
+from fedtune.resources import RankPlan
 from fedtune.state import ROLE_A, ROLE_B, ROLE_HEAD, State, clone, role_of, weighted_average
 
 APersistence = Literal["reset", "keep"]
@@ -77,6 +78,11 @@ class FedALoRA(RoleSharingMethod):
 # client downloads the same B_base. As in the reference code, B1 (Kaiming) and B2 (zero)
 # restart every round (their product now lives in B_base); A and M restart too with
 # a_persistence=reset, or persist with keep.
+# One rank scale: client k's layer applies s_k = s(r_k) to B_base + B2 B1, so a B_base shared
+# as is would be read 4x weaker by a rank-8 client than the rank-2 client that trained it.
+# The server's B_base is at s(r_max): client k receives B_base * s(r_max) / s(r_k) and the
+# server folds s(r_k) / s(r_max) * B2 B1, so s_k * (what client k holds) is the same matrix
+# for every client.
 M_KEY, B1_KEY, B2_KEY, B_BASE_KEY = ".alora_M", ".alora_B1", ".alora_B2", ".alora_B_base"
 
 
@@ -93,13 +99,20 @@ class FedALoRADecomposed(FederatedMethod):
     supports_heterogeneous_ranks = True
     adapter_kind = "decomposed"
 
-    def __init__(self, head: HeadPlacement = "shared", a_persistence: APersistence = "reset") -> None:
+    def __init__(self, head: HeadPlacement = "shared", a_persistence: APersistence = "reset", plan: RankPlan | None = None) -> None:
         super().__init__(head=head)
         self.a_persistence = a_persistence
+        self.plan = plan
 
     @classmethod
     def from_config(cls, config: Any) -> FedALoRADecomposed:
-        return cls(head=config.head, a_persistence=config.fed_alora.a_persistence)
+        return cls(head=config.head, a_persistence=config.fed_alora.a_persistence, plan=RankPlan.from_config(config))
+
+    def _to_client_scale(self, client_id: int) -> float:
+        return 1.0 if self.plan is None else self.plan.to_client_scale(self.plan.client_ranks[client_id])
+
+    def _to_server_scale(self, client_id: int) -> float:
+        return 1.0 if self.plan is None else self.plan.to_server_scale(self.plan.client_ranks[client_id])
 
     def placement(self, key: str) -> Placement:
         suffix = _suffix(key)
@@ -123,7 +136,8 @@ class FedALoRADecomposed(FederatedMethod):
         return role_of(key) == ROLE_HEAD and _suffix(key) not in (M_KEY, B1_KEY, B2_KEY, B_BASE_KEY) and self.head == "shared"
 
     def download(self, server: State, client_id: int) -> State:
-        return dict(server)
+        factor = self._to_client_scale(client_id)
+        return {k: v * factor if _suffix(k) == B_BASE_KEY else v for k, v in server.items()}
 
     def client_start(self, received: State, local: State, initial: State, client_id: int) -> State:
         start = dict(initial)  # fresh B1 (Kaiming), B2 (zero) every round
@@ -153,7 +167,8 @@ class FedALoRADecomposed(FederatedMethod):
         for key in [k for k in server if _suffix(k) == B_BASE_KEY]:
             module = key[: -len(B_BASE_KEY)]
             update = sum(
-                p_k * (u.tensors[module + B2_KEY].double() @ u.tensors[module + B1_KEY].double()) for p_k, u in zip(p, uploads)
+                p_k * self._to_server_scale(u.client_id) * (u.tensors[module + B2_KEY].double() @ u.tensors[module + B1_KEY].double())
+                for p_k, u in zip(p, uploads)
             )
             new[key] = (server[key].double() + update).to(server[key].dtype)
         heads = [{k: v for k, v in u.tensors.items() if self.is_head_shared(k)} for u in uploads]

@@ -9,6 +9,12 @@ round's stack if it was synchronised one aggregation ago (so the download grows 
 number of clients, FLoRA's known cost), or the dense merged weights if it missed rounds
 (partial participation). The server keeps, as bookkeeping tensors, the round counter, each
 client's last synchronised round and the last stack. Clients keep their W locally.
+
+Server and clients must hold the same W bit for bit, round after round. So with a bf16 or
+fp16 wire the server rounds the stack to the wire dtype *before* merging it (the clients
+merge exactly those rounded values, with the same float ops), and dense W always travels
+in full precision (``fedtune.state.travels_exact``). The scales s_k are folded into the
+stack, so each client's Delta W enters W as it trained it, whatever its rank.
 """
 
 from __future__ import annotations
@@ -29,10 +35,12 @@ from fedtune.state import (
     ROLE_B,
     ROLE_BASE,
     ROLE_HEAD,
+    WIRE_DTYPES,
     State,
     clone,
     lora_modules,
     role_of,
+    through_wire,
     weighted_average,
 )
 
@@ -71,13 +79,14 @@ class FLoRA(FederatedMethod):
     binds_base_weights = True
     export_format = "merged"  # the result lives in the base weights, not in an adapter
 
-    def __init__(self, plan: RankPlan, head: HeadPlacement = "shared") -> None:
+    def __init__(self, plan: RankPlan, head: HeadPlacement = "shared", wire_dtype: torch.dtype = torch.float32) -> None:
         super().__init__(head=head)
         self.plan = plan
+        self.wire_dtype = wire_dtype
 
     @classmethod
     def from_config(cls, config: Any) -> FLoRA:
-        return cls(RankPlan.from_config(config), config.head)
+        return cls(RankPlan.from_config(config), config.head, WIRE_DTYPES[config.wire_dtype])
 
     def placement(self, key: str) -> Placement:
         role = role_of(key)
@@ -132,6 +141,8 @@ class FLoRA(FederatedMethod):
         if not uploads:
             return dict(server)
         stacked = stack(uploads, self.plan)
+        if self.wire_dtype != torch.float32:  # merge what the clients will receive and merge
+            stacked = through_wire(stacked, self.wire_dtype)
         new = {k: v for k, v in server.items() if not k.startswith(STACK_PREFIX)}
         new.update(merge({k: v for k, v in server.items() if role_of(k) == ROLE_BASE}, stacked))
         new.update({STACK_PREFIX + k: v for k, v in stacked.items()})

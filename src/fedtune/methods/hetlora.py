@@ -7,6 +7,13 @@ to r_max and averages with weights
 - ``norm``: w_k = ||B_k A_k||_F / sum_j ||B_j A_j||_F per module (the paper's sparsity weighting), or
 - ``data_size``: w_k = p_k.
 
+One rank scale: a rank-r_k client's adapter runs at s_k = alpha / r_k (alpha / sqrt(r_k) with
+rsLoRA), the server's at s_max = s(r_max). The server's factors mean Delta W = s_max B A; a
+client receives B[:, :r_k] * s_max / s_k, so its s_k B_k A_k is exactly the server's
+truncated Delta W, and the server multiplies every uploaded B by s_k / s_max before it pads
+and averages (the norm weights are therefore proportional to each client's ||Delta W_k||).
+s_k is the rank of the client's adapter (its resource rank), also after self-pruning.
+
 Components beyond a client's rank count as zeros in the average, which shrinks them by the
 weight of the clients that did update them: the "information dilution" HAFL fixes.
 
@@ -37,6 +44,7 @@ from fedtune.state import (
     lora_modules,
     pad_rank,
     role_of,
+    scale_b,
     weighted_average,
 )
 
@@ -58,7 +66,9 @@ def product_norm(b: torch.Tensor, a: torch.Tensor) -> float:
 
 
 def zero_padding_average(uploads: Sequence[ClientUpload], rank: int, weights: str) -> State:
-    """Every upload's LoRA factors zero-padded to ``rank`` and averaged (per module)."""
+    """Every upload's LoRA factors zero-padded to ``rank`` and averaged (per module).
+
+    The uploads' factors must already be at one common scale (see :meth:`HetLoRA.aggregate`)."""
     padded = [pad_rank({k: v for k, v in u.tensors.items() if k.endswith((LORA_A_SUFFIX, LORA_B_SUFFIX))}, rank) for u in uploads]
     p = data_weights(uploads)
     result: State = {}
@@ -130,8 +140,10 @@ class HetLoRA(FederatedMethod):
         return int(server[RANKS_KEY][client_id])
 
     def download(self, server: State, client_id: int) -> State:
-        """The first r_k components (r_k = the client's current, possibly pruned, rank)."""
-        return pad_rank(super().download(server, client_id), self.client_rank(server, client_id))
+        """The first r_k components (r_k = the client's current, possibly pruned, rank), B at
+        the client's scale."""
+        truncated = pad_rank(super().download(server, client_id), self.client_rank(server, client_id))
+        return scale_b(truncated, self.plan.to_client_scale(self.plan.client_ranks[client_id]))
 
     def client_start(self, received: State, local: State, initial: State, client_id: int) -> State:
         # A pruned client receives fewer components than its adapter has; the rest stay 0.
@@ -157,7 +169,11 @@ class HetLoRA(FederatedMethod):
         if not uploads:
             return dict(server)
         new = dict(server)
-        new.update(zero_padding_average(uploads, self.plan.server_rank, self.settings.weights))
+        at_server_scale = [
+            ClientUpload(u.client_id, u.num_examples, scale_b(u.tensors, self.plan.to_server_scale(self.plan.client_ranks[u.client_id])))
+            for u in uploads
+        ]
+        new.update(zero_padding_average(at_server_scale, self.plan.server_rank, self.settings.weights))
         heads = [{k: v for k, v in u.tensors.items() if self.is_shared(k) and role_of(k) == ROLE_HEAD} for u in uploads]
         if heads[0]:
             new.update(weighted_average(heads, data_weights(uploads)))

@@ -126,6 +126,13 @@ class FederatedServer:
             max_norm=self.config.max_update_norm,
         )
 
+    def as_expected(self, reply: Reply, received: State) -> State:
+        """The reply's tensors in the dtypes the server's own client steps produce (float32 for
+        a float32 model): a bf16/fp16 upload is widened here, at the boundary, so aggregation
+        and the server state never depend on the precision a client chose to send in."""
+        expected = self.expected_upload(reply.client_id, received)
+        return {k: v.to(expected[k].dtype) for k, v in reply.tensors.items()}
+
     def receive(self, round_num: int, replies: list[Reply], sent: dict[int, State]) -> dict[str, Any]:
         """Check, (privatise,) aggregate. Returns the round's server-side metrics."""
         accepted: list[Reply] = []
@@ -148,7 +155,7 @@ class FederatedServer:
             metrics["aggregated"] = False
             self.completed_round = round_num
             return metrics
-        uploads = [ClientUpload(r.client_id, r.num_examples, r.tensors) for r in accepted]
+        uploads = [ClientUpload(r.client_id, r.num_examples, self.as_expected(r, sent[r.client_id])) for r in accepted]
         if self.config.dp.noise_multiplier > 0:
             metrics.update(self._aggregate_private(round_num, uploads, sent))
         else:
