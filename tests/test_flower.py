@@ -34,6 +34,13 @@ FAULTS = {
     "max_update_norm": 1000.0,
     "flower.inject_faults": "[crash:0,nan:1,wrong_shape:2,huge:3]",
 }
+#: one honest client and three malicious ClientApps: one claims another client's id, one an
+#: id nobody has, one sends array bytes no parser accepts
+MALICIOUS = {
+    "method": "fedit",
+    "fraction": 1.0,
+    "flower.inject_faults": "[impersonate:1,unknown_id:2,garbage_array:3]",
+}
 FLOWER = {"flower.client_cpus": 2, "fraction": 0.75}
 
 
@@ -49,6 +56,7 @@ def flower_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     dataset = write_classification_jsonl(root / "cls.jsonl")
     runs = {name: (load_config(None, overrides_for(dataset, extra)), root / name) for name, extra in CASES.items()}
     runs["faults"] = (load_config(None, overrides_for(dataset, FAULTS)), root / "faults")
+    runs["malicious"] = (load_config(None, overrides_for(dataset, MALICIOUS)), root / "malicious")
     simulate_many(list(runs.values()))
     return {"dataset": dataset, **{name: out for name, (_, out) in runs.items()}}
 
@@ -109,6 +117,22 @@ def test_crashed_and_malformed_replies_are_dropped_and_the_run_completes(flower_
     assert all(torch.isfinite(v).all() for v in state.values())
 
 
+def test_malicious_clientapps_are_rejected_and_the_run_completes(flower_runs: dict[str, Path]) -> None:
+    out = flower_runs["malicious"]
+    rows = read_metrics(out)
+    assert [r["round"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["aggregated"] and row["rejected_replies"] == 3 and row["failed_replies"] == 0
+        reasons = list(row["rejected"].values())
+        assert sum("replied as client 2," in r for r in reasons) == 1, reasons  # client 1's node posing as 2
+        assert sum("replied as client 103," in r for r in reasons) == 1, reasons  # an id nobody has
+        assert sum("unreadable array data" in r for r in reasons) == 1, reasons  # client 3's bytes
+        assert list(row["bytes_up_per_client"]) == ["0"]  # the round is the honest client's alone
+    state = load_file(str(out / "checkpoint" / "server.safetensors"))
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert json.loads((out / "summary.json").read_text())["rejected_replies"] == 6
+
+
 def _completed_round(checkpoint: Path) -> int:
     if not checkpoint.exists():
         return 0
@@ -139,10 +163,19 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
         process.wait()
     stopped_at = _completed_round(checkpoint)
     assert 2 <= stopped_at < 6
+    # a changed config is refused before anything starts, and leaves the run as it was
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    changed = subprocess.run([*command[:-2], "seed=7", *command[-2:], "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert changed.returncode == 2 and "seed differs" in changed.stderr, changed.stderr[-2000:]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # both kill windows: a row written whose checkpoint never was, and a torn last line
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"round": stopped_at + 1, "accuracy": -1.0}) + "\n" + '{"round": 9, "acc')
     resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     rows = read_metrics(out)
     assert [r["round"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(r.get("accuracy") != -1.0 for r in rows)  # the uncommitted round was redone
 
     uninterrupted, _ = run_tiny(overrides)
     final = load_file(str(checkpoint))

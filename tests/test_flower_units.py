@@ -10,10 +10,10 @@ import torch
 import yaml
 from conftest import tiny_overrides, write_classification_jsonl
 
-from fedtune.config import RunConfig, load_config
-from fedtune.runtime.flower.client_app import FAULT_KINDS, federation_for, inject_fault
+from fedtune.config import FAULT_KINDS, RunConfig, load_config
+from fedtune.runtime.flower.client_app import federation_for, inject_fault
 from fedtune.runtime.flower.deploy import make_node_key, make_tls, write_app, write_connection
-from fedtune.runtime.flower.records import from_record, to_record
+from fedtune.runtime.flower.records import RecordError, from_record, to_record
 
 
 def test_records_round_trip_and_bf16_travels_as_float32() -> None:
@@ -36,12 +36,18 @@ def test_a_data_holder_can_bring_its_own_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize("kind", FAULT_KINDS)
 def test_fault_injection_kinds(kind: str) -> None:
     upload = {"m.lora_A": torch.ones(2, 3), "m.lora_B": torch.ones(3, 2)}
-    assert inject_fault([f"{kind}:1"], 0, 1, upload) is upload  # other clients behave
+    honest, claimed = inject_fault([f"{kind}:1"], 0, 1, upload, clients=4)  # other clients behave
+    assert claimed == 0 and all(torch.equal(v, upload[k]) for k, v in from_record(honest).items())
     if kind == "crash":
         with pytest.raises(RuntimeError, match="injected crash"):
-            inject_fault([f"{kind}:1"], 1, 1, upload)
+            inject_fault([f"{kind}:1"], 1, 1, upload, clients=4)
         return
-    bad = inject_fault([f"{kind}:1"], 1, 1, upload)
+    record, claimed = inject_fault([f"{kind}:1"], 1, 1, upload, clients=4)
+    if kind == "garbage_array":
+        with pytest.raises(RecordError, match="unreadable array data"):
+            from_record(record)
+        return
+    bad = from_record(record)
     first = bad["m.lora_A"]
     checks = {
         "nan": lambda: bool(torch.isnan(first).all()),
@@ -49,6 +55,8 @@ def test_fault_injection_kinds(kind: str) -> None:
         "wrong_shape": lambda: first.shape == (3, 3),
         "wrong_dtype": lambda: first.dtype == torch.int64,
         "huge": lambda: float(first.min()) > 1e5,
+        "impersonate": lambda: claimed == 2,
+        "unknown_id": lambda: claimed not in range(4),
     }
     assert checks[kind]()
 

@@ -154,7 +154,8 @@ def test_round_plots_tick_whole_rounds(tiny_study: Study, tmp_path: Path, monkey
         axes = figure.axes[0]
         if axes.get_xlabel() == "round":
             figure.canvas.draw()
-            round_ticks[Path(str(path)).name] = list(axes.get_xticks())
+            name = Path(str(path)).name  # fedtune.atomic writes to ".<name>.<random>.tmp" first
+            round_ticks[name[1:].rsplit(".", 2)[0] if name.endswith(".tmp") else name] = list(axes.get_xticks())
         save(figure, path, *args, **kwargs)
 
     monkeypatch.setattr(Figure, "savefig", record_round_ticks)

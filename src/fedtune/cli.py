@@ -1,11 +1,11 @@
 """The ``fedtune`` command line.
 
-    fedtune run [CONFIG.yaml] [key=value ...] --out DIR [--overwrite]
+    fedtune run [CONFIG.yaml] [key=value ...] --out DIR [--overwrite | --resume]
     fedtune methods
     fedtune datasets
     fedtune analyze RUN_DIR [--against RUN_DIR2] [--out DIR]
     fedtune multitask [CONFIG.yaml] [key=value ...] --out DIR [--overwrite]
-    fedtune flower simulate|app|tls|node-key ...   (see runtime/flower/commands.py)
+    fedtune flower simulate|app|tls|gateway|node-key ...   (see runtime/flower/commands.py)
     fedtune study STUDY --out DIR [--size cpu|gpu] [--seeds ...] [--report docs/results]
 
 Exit codes: 0 success, 2 invalid input (one line on stderr), 1 runtime failure.
@@ -54,17 +54,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     config_path, overrides = _split_config_and_overrides(args.items)
     if args.dtype:
         overrides.append(f"wire_dtype={args.dtype}")
-    config = load_config(config_path, overrides)
     out = Path(args.out)
-    check_run_dir(out, args.overwrite)
+    if args.resume:
+        if args.overwrite:
+            raise UsageError("--resume continues a run and --overwrite replaces it: give one of them")
+        # without a config file, the run's own config (plus any overrides, e.g. rounds=20)
+        config = load_config(config_path or (out / "config.yaml" if (out / "config.yaml").is_file() else None), overrides)
+        RunDir.resume(out, config)  # refuses a changed config before anything loads
+    else:
+        config = load_config(config_path, overrides)
+        check_run_dir(out, args.overwrite)
     plan = plan_partitions(config)  # bad data input fails here, before any model loads
 
     from fedtune.runtime.engine import build_federation
     from fedtune.runtime.simulator import Simulator
 
-    fed = build_federation(config, plan)
-    run_dir = RunDir.create(out, args.overwrite)
-    summary = Simulator(fed, run_dir).run()
+    fed = build_federation(config, plan)  # every check of the config against the model and method
+    run_dir = RunDir(out) if args.resume else RunDir.create(out, args.overwrite)
+    try:
+        summary = Simulator(fed, run_dir).run(resume=args.resume)
+    except BaseException:
+        run_dir.restore()  # a run that fails before its first round gives back the run it replaced
+        raise
     print(format_summary(summary, out))
     return EXIT_OK
 
@@ -172,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, help="run directory to write")
     run.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     run.add_argument(
+        "--resume", action="store_true", help="continue a stopped run in --out from its last checkpoint (more rounds= allowed)"
+    )
+    run.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], help="precision of what goes on the wire (wire_dtype)"
     )
     run.set_defaults(func=cmd_run)
@@ -198,17 +212,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
-    # fedtune draws its own progress bars; the libraries' per-file bars are noise on stderr,
-    # where one-line errors must stay one line.
+def quiet_libraries() -> None:
+    """Only fedtune's own words on stderr, where one-line errors must stay one line.
+
+    fedtune draws its own progress bars and reports bad input itself; the libraries' per-file
+    bars, their logged parse errors (which fedtune turns into its one-line error), bitsandbytes'
+    note about an optional CPU kernel package, and deprecations inside the libraries' own calls
+    are noise to a fedtune user."""
+    import logging
+    import warnings
+
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|torch)\.")
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    _quiet_libraries()
+    quiet_libraries()
     try:
         args = build_parser().parse_args(argv)
         func: Callable[[argparse.Namespace], int] = args.func

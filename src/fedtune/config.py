@@ -7,12 +7,13 @@ can be set from the command line with its dotted name, e.g. ``lora.r=16`` or
 
 from __future__ import annotations
 
+import typing
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from fedtune.errors import UsageError
 from fedtune.methods import METHODS
@@ -25,11 +26,22 @@ from fedtune.resources import assign_ranks, validate_ranks
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ConfigSection(BaseModel):
+    # inf and nan are never meant (lr=.inf would reject every reply and look like a normal run)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads true as 1: rounds=true would run one round
+        annotation = cls.model_fields[info.field_name].annotation
+        kinds = typing.get_args(annotation) or (annotation,)
+        if isinstance(value, bool) and bool not in kinds and (int in kinds or float in kinds):
+            raise ValueError("must be a number, not true/false")
+        return value
 
 
-class LoraSettings(_Section):
+class LoraSettings(ConfigSection):
     r: int = Field(8, gt=0, description="LoRA rank")
     alpha: float = Field(16.0, gt=0, description="scale numerator: s = alpha / r (rsLoRA: alpha / sqrt(r))")
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -40,7 +52,7 @@ class LoraSettings(_Section):
     init_seed_mode: Literal["shared", "per_client"] = "shared"
 
 
-class DPSettings(_Section):
+class DPSettings(ConfigSection):
     """Central differential privacy on client updates (mean-aggregating methods only)."""
 
     noise_multiplier: float = Field(0.0, ge=0, description="sigma; 0 disables DP")
@@ -48,22 +60,29 @@ class DPSettings(_Section):
     delta: float = Field(1e-5, gt=0, lt=1)
 
 
-class FlowerSettings(_Section):
+#: how a test client can misbehave (``flower.inject_faults``; runtime/flower/client_app.py)
+FAULT_KINDS = ("crash", "nan", "extra_key", "wrong_shape", "wrong_dtype", "huge", "impersonate", "unknown_id", "garbage_array")
+
+
+class FlowerSettings(ConfigSection):
     """The distributed runtime (``fedtune flower ...``)."""
 
     client_cpus: float = Field(1.0, gt=0, description="Ray resources per simulated client")
     client_gpus: float = Field(0.0, ge=0)
     ray_cpus: int | None = Field(None, gt=0, description="CPUs Ray may use (default: all)")
     round_timeout: float = Field(3600.0, gt=0, description="seconds to wait for replies each round")
-    #: testing aid for the server's defences: "KIND:CLIENT" with KIND one of crash, nan,
-    #: extra_key, wrong_shape, wrong_dtype, huge (that client misbehaves every round)
+    #: testing aid for the server's defences: "KIND:CLIENT" with KIND one of FAULT_KINDS
+    #: (that client misbehaves every round)
     inject_faults: list[str] = []
+    #: deployment: Flower node id (from `flwr supernode register`) -> the partition that node
+    #: serves; when set, only these nodes take part and a node claiming another partition is refused
+    node_partitions: dict[int, int] = {}
 
 
     @field_validator("inject_faults")
     @classmethod
     def _check_faults(cls, value: list[str]) -> list[str]:
-        kinds = ("crash", "nan", "extra_key", "wrong_shape", "wrong_dtype", "huge")
+        kinds = FAULT_KINDS
         for item in value:
             kind, _, client = item.partition(":")
             if kind not in kinds or not client.isdigit():
@@ -71,7 +90,7 @@ class FlowerSettings(_Section):
         return value
 
 
-class RunConfig(_Section):
+class RunConfig(ConfigSection):
     method: str = "fed-alora"
     model: str = "minilm"
     #: a name, file or Hub id; a list makes a multi-task federation (``partition=natural``: one task per client)
@@ -123,6 +142,11 @@ class RunConfig(_Section):
     store_memory_mb: float = Field(1024.0, ge=0, description="client state kept in RAM before spilling to disk")
     min_replies: int = Field(1, gt=0, description="valid client replies needed to aggregate a round")
     max_update_norm: float | None = Field(None, gt=0, description="replies with a larger L2 norm are dropped")
+    #: no honest adapter or weight entry comes near this; larger values would overflow
+    #: float32 in products such as FLoRA's B A (1e30) or an SVD (FlexLoRA)
+    max_abs_value: float = Field(1e6, gt=0, description="replies with a larger |entry| are dropped")
+    #: a client's num_examples is its weight p_k; without a bound one reply could claim ~all of it
+    max_client_examples: int = Field(10_000_000, gt=0, description="replies claiming more examples are dropped")
     dp: DPSettings = DPSettings()
     flower: FlowerSettings = FlowerSettings()
     progress: bool = True
@@ -231,7 +255,11 @@ def load_validated(schema: type[ModelT], path: str | Path | None, overrides: lis
         if not file.is_file():
             raise UsageError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(file.read_text()) or {}
+            loaded = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise UsageError(f"config file {path} is not UTF-8 text") from None
+        except OSError as err:
+            raise UsageError(f"config file {path} cannot be read: {err.strerror}") from None
         except yaml.YAMLError as err:
             raise UsageError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
         if not isinstance(loaded, dict):

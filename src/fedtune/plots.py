@@ -12,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from fedtune.atomic import savefig  # noqa: E402
+
 #: per-round fields that are bookkeeping, not metrics
 NOT_METRICS = {"round", "num_examples", "replies", "dp_delta", "dp_noise_std"}
 
@@ -58,7 +60,7 @@ def line_plot(
     if len(curves) > 1:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    savefig(fig, path, dpi=dpi)
     plt.close(fig)
     return path
 

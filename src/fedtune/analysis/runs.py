@@ -104,6 +104,20 @@ def lora_scale(module: str, rank: int, config: Mapping[str, Any]) -> float:
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as err:  # a truncated or foreign file is the user's input, not a crash
+        raise UsageError(f"{path} is not a readable safetensors file ({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"{path} is not a readable JSON file ({type(err).__name__})") from None
+
+
 def _factors(state: Mapping[str, torch.Tensor], where: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     modules = lora_modules(state)
     if not modules:
@@ -117,9 +131,11 @@ def load_adapter(directory: Path, label: str) -> Adapter:
     for path in (weights, config_path):
         if not path.is_file():
             raise UsageError(f"{path} not found")
-    config = json.loads(config_path.read_text())
+    config = _read_json(config_path)
+    if not isinstance(config, dict):
+        raise UsageError(f"{config_path} does not hold an adapter config")
     state: dict[str, torch.Tensor] = {}
-    for name, tensor in load_file(str(weights)).items():
+    for name, tensor in _read_safetensors(weights).items():
         key = adapter_key_to_canonical(name)
         if key is not None:
             state[key] = tensor
@@ -130,7 +146,7 @@ def load_adapter(directory: Path, label: str) -> Adapter:
 
 def load_initial(path: Path, like: Adapter, label: str) -> Adapter:
     """The initial state file (canonical keys), restricted to ``like``'s modules and scales."""
-    state = load_file(str(path))
+    state = _read_safetensors(path)
     factors = _factors(state, path)
     missing = [m for m in like.modules if m not in factors]
     if missing:

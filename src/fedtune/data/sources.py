@@ -505,23 +505,34 @@ def _split_off_test(ds: datasets.Dataset, test_fraction: float, seed: int) -> tu
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".gz": "json"}
 
 
-def _load_file(path: Path, fields: FieldMap, kind: str, seed: int, test_file: str | None) -> TaskData:
+def _read_table(path: Path, role: str) -> datasets.Dataset:
     fmt = FILE_FORMATS.get(path.suffix)
     if fmt is None:
-        raise UsageError(f"unsupported dataset file type {path.suffix!r}; use .jsonl, .json, .csv or .parquet")
-    try:
-        table = datasets.load_dataset(fmt, data_files=str(path), split="train")
-    except Exception as err:  # a malformed file: report it as the user's input
-        raise UsageError(f"cannot read dataset file {path}: {type(err).__name__}: {err}".splitlines()[0]) from None
-    train, task_kind, names = normalise(table, path.name, fields, kind)
-    if test_file:
-        test_path = Path(test_file)
-        if not test_path.is_file():
-            raise UsageError(f"test dataset file not found: {test_file}")
-        test_table = datasets.load_dataset(FILE_FORMATS.get(test_path.suffix, "json"), data_files=str(test_path), split="train")
-        test, _, _ = normalise(test_table, test_path.name, fields, task_kind)
-    else:
-        train, test = _split_off_test(train, 0.1, seed)
+        raise UsageError(f"unsupported {role} file type {path.suffix!r}; use .jsonl, .json, .csv or .parquet")
+    return datasets.load_dataset(fmt, data_files=str(path), split="train")
+
+
+def _load_file(path: Path, fields: FieldMap, kind: str, seed: int, test_file: str | None) -> TaskData:
+    test_path = Path(test_file) if test_file else None
+    if test_path is not None and not test_path.is_file():
+        raise UsageError(f"test dataset file not found: {test_file}")
+    current = path
+    try:  # datasets reads lazily: a malformed or non-UTF-8 file can fail in any of these steps
+        train, task_kind, names = normalise(_read_table(path, "dataset"), path.name, fields, kind)
+        if test_path is not None:
+            current = test_path
+            test, _, _ = normalise(_read_table(test_path, "test dataset"), test_path.name, fields, task_kind)
+        else:
+            train, test = _split_off_test(train, 0.1, seed)
+    except UsageError:
+        raise
+    except UnicodeDecodeError:
+        raise UsageError(f"cannot read dataset file {current}: it is not UTF-8 text") from None
+    except Exception as err:  # the user's file is malformed: report it as input, in one line
+        root = err
+        while root.__cause__ is not None or root.__context__ is not None:  # datasets wraps the parser's error
+            root = root.__cause__ or root.__context__  # type: ignore[assignment]
+        raise UsageError(f"cannot read dataset file {current}: {type(root).__name__}: {root}".splitlines()[0][:300]) from None
     metric: Metric = "accuracy" if task_kind == "classification" else "perplexity"
     natural = "label" if task_kind == "classification" else "category"
     return TaskData(path.name, task_kind, metric, train, test, label_names=names, natural_key=natural, source=str(path))

@@ -96,6 +96,9 @@ class FederatedMethod(ABC):
     binds_base_weights: ClassVar[bool] = False
     #: what a run exports: a PEFT ``adapter``, the whole ``model``, or ``merged`` target weights
     export_format: ClassVar[str] = "adapter"
+    #: the aggregate is a p-weighted mean of the uploads, so central DP's "clip each update,
+    #: noise the mean" is well defined
+    aggregates_by_mean: ClassVar[bool] = False
 
     def __init__(self, head: HeadPlacement = "shared") -> None:
         if head not in ("shared", "local", "frozen"):
@@ -159,6 +162,12 @@ class FederatedMethod(ABC):
         local = {k: v for k, v in trained.items() if self.is_local(k)}
         return upload, local
 
+    def check_upload(self, upload: State, received: State, client_id: int) -> str | None:
+        """Method-specific rules an upload must follow beyond keys, shapes, dtypes and finite
+        values (which the server checks against :meth:`client_finish`'s output); None if it
+        does, else the reason (one line). Called only on uploads that passed those checks."""
+        return None
+
     def aggregate(self, server: State, uploads: Sequence[ClientUpload]) -> State:
         """FedAvg of every uploaded tensor with p_k; keys nobody sent keep their value."""
         if not uploads:
@@ -208,6 +217,7 @@ class RoleSharingMethod(FederatedMethod):
     shared_roles: ClassVar[frozenset[str]] = frozenset()
     local_roles: ClassVar[frozenset[str]] = frozenset()
     frozen_roles: ClassVar[frozenset[str]] = frozenset()
+    aggregates_by_mean = True
 
     def placement(self, key: str) -> Placement:
         role = role_of(key, self.uses_lora)

@@ -26,7 +26,7 @@ APersistence = Literal["reset", "keep"]
 
 
 class FedALoRASettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     a_persistence: APersistence = "reset"
     #: inner width of the heterogeneous decomposition (B_base is d_out x d_m)
     d_m: int = Field(16, gt=0)

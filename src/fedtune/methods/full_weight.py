@@ -29,13 +29,13 @@ from fedtune.state import ROLE_WEIGHT
 
 
 class FullWeightSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     #: target: the LoRA target modules' weights (+ head); all: every parameter of the model.
     scope: Literal["target", "all"] = "target"
 
 
 class GaLoreSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     rank: int = Field(8, gt=0)
     update_proj_gap: int = Field(50, gt=0)
     scale: float = Field(0.25, gt=0)

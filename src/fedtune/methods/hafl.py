@@ -60,7 +60,7 @@ CHOSEN = "_hafl.chosen."
 
 
 class HAFLSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     scheme: Literal["truncation", "freezing"] = "freezing"
     aggregation: Literal["adaptive", "zero_padding"] = "adaptive"
     beta1: float = Field(0.85, ge=0, lt=1)
@@ -270,6 +270,17 @@ class HAFL(FederatedMethod):
         return upload, local
 
     # -- server ---------------------------------------------------------------------------------
+    def check_upload(self, upload: State, received: State, client_id: int) -> str | None:
+        for module in lora_modules(upload):
+            index = upload[module + INDEX_SUFFIX]
+            if upload[module + LORA_A_SUFFIX].shape[0] != index.numel():
+                return f"{module}: {upload[module + LORA_A_SUFFIX].shape[0]} components but {index.numel()} indices"
+            if self.truncation and not torch.equal(index.long(), received[module + INDEX_SUFFIX].long()):
+                return f"{module}: indices {index.tolist()[:8]} are not the components sent {received[module + INDEX_SUFFIX].tolist()[:8]}"
+            if self.truncation and bool((upload[module + SCORE_SUFFIX] < 0).any()):
+                return f"{module}: negative importance scores"
+        return None
+
     def aggregate(self, server: State, uploads: Sequence[ClientUpload]) -> State:
         if not uploads:
             return dict(server)

@@ -52,7 +52,7 @@ RANKS_KEY = "_hetlora.ranks"
 
 
 class HetLoRASettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     weights: Literal["norm", "data_size"] = "norm"
     self_pruning: bool = False
     prune_gamma: float = Field(0.99, gt=0, lt=1)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from peft import LoraConfig, TaskType, get_peft_model
 
+from fedtune.atomic import atomic_dir
 from fedtune.models.export import save_peft_adapter
 from fedtune.models.loading import HEAD_MODULES, LoadedModel, TaskKind, default_targets
 from fedtune.resources import lora_scale
@@ -203,10 +204,10 @@ class ModelBinding:
             save_peft_adapter(state, out_dir, self.adapter)
             return
         self.load(state)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(out_dir)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out_dir)
+        with atomic_dir(out_dir) as staging:
+            self.model.save_pretrained(staging)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
 
 
 def bind_lora(

@@ -17,6 +17,7 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
 
+from fedtune.atomic import atomic_dir, save_safetensors
 from fedtune.state import BASE_SUFFIX, LORA_A_SUFFIX, LORA_B_SUFFIX, is_bookkeeping, lora_modules
 
 if TYPE_CHECKING:
@@ -50,14 +51,14 @@ def save_peft_adapter(state: Mapping[str, torch.Tensor], out_dir: Path, spec: Ad
         base_model_name_or_path=spec.base_model_name_or_path,
         inference_mode=True,
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(str(out_dir))
     tensors = {
         peft_key(k): v.detach().cpu().contiguous()
         for k, v in state.items()
         if not k.endswith(BASE_SUFFIX) and not is_bookkeeping(k)
     }
-    save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    with atomic_dir(out_dir) as staging:  # config and weights appear together, or not at all
+        config.save_pretrained(str(staging))
+        save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
 def save_merged_weights(state: Mapping[str, torch.Tensor], out_dir: Path) -> Path:
@@ -69,7 +70,6 @@ def save_merged_weights(state: Mapping[str, torch.Tensor], out_dir: Path) -> Pat
             continue
         name = key[: -len(BASE_SUFFIX)] + ".weight" if key.endswith(BASE_SUFFIX) else key
         tensors[name] = value.detach().cpu().contiguous()
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "merged_weights.safetensors"
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    save_safetensors(path, tensors, {"format": "pt"})
     return path

@@ -17,15 +17,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from fedtune.config import dump_config, load_validated
+from fedtune.config import ConfigSection, dump_config, load_validated
 from fedtune.multitask.layers import Variant
 from fedtune.multitask.routing import RoutingMode, RoutingSpec
 
 
-class MultiTaskConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class MultiTaskConfig(ConfigSection):
 
     variant: Variant = "alora"
     model: str = "minilm"

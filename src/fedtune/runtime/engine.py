@@ -24,7 +24,7 @@ from fedtune.models import LoadedModel, ModelBinding, bind_full, bind_lora, load
 from fedtune.models.export import save_merged_weights
 from fedtune.runtime.evaluation import evaluate
 from fedtune.runtime.local_training import LocalResult, steps_for, train_locally
-from fedtune.state import WIRE_DTYPES, State, is_bookkeeping, num_bytes, through_wire
+from fedtune.state import LORA_A_SUFFIX, LORA_B_SUFFIX, WIRE_DTYPES, State, is_bookkeeping, num_bytes, through_wire
 
 
 def derive_seed(*parts: int) -> int:
@@ -134,11 +134,44 @@ def bind_model(method: FederatedMethod, loaded: LoadedModel, task_kind: str, con
             "heterogeneous methods: " + ", ".join(n for n, m in METHODS.items() if m.supports_heterogeneous_ranks)
         )
     ranks = distinct | {config.server_rank}
-    if method.adapter_kind == "decomposed":
-        from fedtune.models.decomposed import bind_decomposed
+    try:
+        if method.adapter_kind == "decomposed":
+            from fedtune.models.decomposed import bind_decomposed
 
-        return bind_decomposed(loaded, task_kind, config.lora, ranks, config.fed_alora.d_m)
-    return bind_lora(loaded, task_kind, config.lora, ranks, bind_base=method.binds_base_weights)
+            binding = bind_decomposed(loaded, task_kind, config.lora, ranks, config.fed_alora.d_m)
+        else:
+            binding = bind_lora(loaded, task_kind, config.lora, ranks, bind_base=method.binds_base_weights)
+    except ValueError as err:  # target modules that match nothing, or that peft cannot adapt
+        raise UsageError(f"{str(err).splitlines()[0]} (lora.target_modules={config.lora.target_modules})") from None
+    check_ranks_fit(binding)
+    return binding
+
+
+def check_ranks_fit(binding: ModelBinding) -> None:
+    """A LoRA rank above a target layer's smaller side adds parameters and no capacity."""
+    for rank, params in sorted(binding.slots.items()):
+        for key in params:
+            if not key.endswith(LORA_A_SUFFIX):
+                continue
+            module = key[: -len(LORA_A_SUFFIX)]
+            b = params.get(module + LORA_B_SUFFIX, params.get(module + ".alora_B2"))  # decomposed: B2 is d_out x r
+            d_in, d_out = params[key].shape[1], (b.shape[0] if b is not None else params[key].shape[1])
+            if rank > min(d_in, d_out):
+                raise UsageError(f"LoRA rank {rank} exceeds the size of {module} ({d_out} x {d_in}); use a rank <= {min(d_in, d_out)}")
+
+
+def check_sequence_length(loaded: LoadedModel, max_seq_len: int) -> None:
+    """Longer inputs than the model has positions for fail deep inside its forward pass."""
+    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and max_seq_len > limit:
+        raise UsageError(f"max_seq_len={max_seq_len} exceeds the {limit} positions of model {loaded.name_or_path}")
+
+
+def check_method_config(method: FederatedMethod, config: RunConfig) -> None:
+    """Settings a method cannot honour, refused before anything is loaded or written."""
+    if config.dp.noise_multiplier > 0 and not method.aggregates_by_mean:
+        mean_methods = sorted(n for n, m in METHODS.items() if m.aggregates_by_mean)
+        raise UsageError(f"central DP needs a mean-aggregating method ({', '.join(mean_methods)}), not {method.name}")
 
 
 def build_federation(
@@ -153,7 +186,9 @@ def build_federation(
     task = plan.task
     device = pick_device(config.device)
     method = build_method(config)
+    check_method_config(method, config)
     loaded = load_model(config.model, task.kind, task.num_labels, seed=config.seed)
+    check_sequence_length(loaded, config.max_seq_len)
     binding = bind_model(method, loaded, task.kind, config)
     binding.to(device)
     data = encode_plan(plan, loaded.tokenizer, config.max_seq_len, only_clients, global_test)

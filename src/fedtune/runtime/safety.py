@@ -14,7 +14,9 @@ Pure tensor functions, shared by every runtime:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -39,14 +41,20 @@ def _rank_consistent(key: str, got: torch.Size, want: torch.Size, shrinkable: bo
 
 
 def check_upload(
-    upload: Mapping[str, torch.Tensor],
+    upload: Any,
     expected: Mapping[str, torch.Tensor],
     *,
     max_components: int | None = None,
     shrinkable_rank: bool = False,
     max_norm: float | None = None,
+    max_abs: float | None = None,
 ) -> str | None:
-    """None if ``upload`` is acceptable, else the reason it is not (one line)."""
+    """None if ``upload`` is acceptable, else the reason it is not (one line).
+
+    Never raises: anything a client can put in a reply (non-tensors, sparse or meta tensors,
+    odd dtypes, non-finite or huge values) is a reason, not an exception."""
+    if not isinstance(upload, Mapping) or not all(isinstance(k, str) for k in upload):
+        return "tensors are not a mapping of names to tensors"
     missing = sorted(set(expected) - set(upload))
     extra = sorted(set(upload) - set(expected))
     if extra:
@@ -56,13 +64,15 @@ def check_upload(
     for key, value in upload.items():
         want = expected[key]
         if not isinstance(value, torch.Tensor):
-            return f"{key}: not a tensor"
+            return f"{key}: not a tensor ({type(value).__name__})"
+        if value.layout != torch.strided or value.device.type != "cpu":
+            return f"{key}: not a dense CPU tensor ({value.layout}, {value.device.type})"
         if key.endswith(INDEX_SUFFIXES):
             if value.dtype not in INTEGER_DTYPES or value.dim() != 1:
                 return f"{key}: indices must be a 1-D integer tensor, got {value.dtype} {tuple(value.shape)}"
-            if value.numel() > want.numel() or value.numel() == 0:
-                return f"{key}: {value.numel()} indices, expected at most {want.numel()}"
-            if max_components is not None and (int(value.min()) < 0 or int(value.max()) >= max_components):
+            if value.numel() != want.numel():
+                return f"{key}: {value.numel()} indices, expected {want.numel()}"
+            if max_components is not None and value.numel() and (int(value.min()) < 0 or int(value.max()) >= max_components):
                 return f"{key}: index out of range [0, {max_components})"
             if value.unique().numel() != value.numel():
                 return f"{key}: repeated indices"
@@ -73,6 +83,8 @@ def check_upload(
             return f"{key}: shape {tuple(value.shape)} does not fit expected {tuple(want.shape)}"
         if not torch.isfinite(value).all():
             return f"{key}: non-finite values"
+        if max_abs is not None and value.numel() and float(value.abs().max()) > max_abs:
+            return f"{key}: |value| {float(value.abs().max()):.4g} exceeds the bound {max_abs:.4g}"
     for key in upload:  # A and B of one module must agree on the rank
         if key.endswith(LORA_A_SUFFIX):
             b_key = key[: -len(LORA_A_SUFFIX)] + LORA_B_SUFFIX
@@ -83,6 +95,25 @@ def check_upload(
         norm = float(torch.sqrt(torch.stack(squares).sum())) if squares else 0.0
         if norm > max_norm:
             return f"L2 norm {norm:.4g} exceeds the bound {max_norm:.4g}"
+    return None
+
+
+def check_count(value: Any, name: str, maximum: int) -> str | None:
+    """None if ``value`` is a whole number in [1, maximum] (not a bool, float or string)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"{name} must be a whole number, got {type(value).__name__} {value!r}"[:200]
+    if not 1 <= value <= maximum:
+        return f"{name}={value} is outside [1, {maximum}]"
+    return None
+
+
+def check_metrics(metrics: Any) -> str | None:
+    """None if every reported metric is a finite real number."""
+    if not isinstance(metrics, Mapping):
+        return "metrics are not a mapping"
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"metric {name!s:.40} is not a finite number ({type(value).__name__})"
     return None
 
 

@@ -11,25 +11,22 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from fedtune.atomic import save_safetensors
 from fedtune.errors import UsageError
 from fedtune.methods import ClientUpload
 from fedtune.runtime.engine import Federation, derive_seed, sample_clients
-from fedtune.runtime.safety import add_gaussian_noise, check_upload, clip_update
+from fedtune.runtime.safety import add_gaussian_noise, check_count, check_metrics, check_upload, clip_update
 from fedtune.state import State, is_bookkeeping, num_bytes, through_wire
 
 log = logging.getLogger("fedtune.server")
 
-#: methods whose aggregate is a (weighted) mean of the uploads, where central DP's
-#: "clip each update, noise the mean" is well defined
-LINEAR_METHODS = {"fedit", "ffa-lora", "fedsa-lora", "fed-alora", "fedavg-full", "fedavg-galore"}
 
 
 @dataclass
@@ -79,11 +76,9 @@ class FederatedServer:
         self.state: State = self.method.server_init(fed.initial_state(None))
         self.completed_round = 0
         self._expected: dict[tuple, State] = {}
+        #: the replies the last ``receive`` accepted (what a round's metrics row describes)
+        self.accepted: list[Reply] = []
         self.accountant = self._make_accountant()
-        if self.config.dp.noise_multiplier > 0 and self.method.name not in LINEAR_METHODS:
-            raise UsageError(
-                f"central DP needs a mean-aggregating method ({', '.join(sorted(LINEAR_METHODS))}), not {self.method.name}"
-            )
 
     # -- sending -----------------------------------------------------------------------------
     def sampled(self, round_num: int) -> list[int]:
@@ -115,16 +110,20 @@ class FederatedServer:
 
     # -- receiving ---------------------------------------------------------------------------
     def check(self, reply: Reply, received: State) -> str | None:
+        """None if the reply of a sampled client is usable, else why not (one line)."""
+        config = self.config
+        reason = check_count(reply.num_examples, "num_examples", config.max_client_examples) or check_metrics(reply.metrics)
+        if reason:
+            return reason
         expected = self.expected_upload(reply.client_id, received)
-        if reply.num_examples <= 0:
-            return f"num_examples={reply.num_examples}"
         return check_upload(
             reply.tensors,
             expected,
-            max_components=self.config.server_rank if self.method.uses_lora else None,
-            shrinkable_rank=self.method.name == "hetlora" and self.config.hetlora.self_pruning,
-            max_norm=self.config.max_update_norm,
-        )
+            max_components=config.server_rank if self.method.uses_lora else None,
+            shrinkable_rank=self.method.name == "hetlora" and config.hetlora.self_pruning,
+            max_norm=config.max_update_norm,
+            max_abs=config.max_abs_value,
+        ) or self.method.check_upload(reply.tensors, received, reply.client_id)
 
     def as_expected(self, reply: Reply, received: State) -> State:
         """The reply's tensors in the dtypes the server's own client steps produce (float32 for
@@ -133,22 +132,36 @@ class FederatedServer:
         expected = self.expected_upload(reply.client_id, received)
         return {k: v.to(expected[k].dtype) for k, v in reply.tensors.items()}
 
+    def screen(self, replies: list[Reply], sent: dict[int, State]) -> tuple[list[Reply], dict[str, str]]:
+        """The usable replies (one per sampled client, the first one received) and, for the
+        others, why each was dropped. Nothing a reply holds can make this raise."""
+        accepted: dict[int, Reply] = {}
+        rejected: dict[str, str] = {}
+        for number, reply in enumerate(replies):
+            client = reply.client_id
+            valid_id = isinstance(client, int) and not isinstance(client, bool) and client in sent
+            if not valid_id:
+                reason = f"client id {client!r:.40} was not sampled this round"
+            elif client in accepted:
+                reason = f"a second reply for client {client} this round"
+            else:
+                try:
+                    reason = self.check(reply, sent[client])
+                except Exception as err:  # a check that trips on odd input is still a rejection
+                    reason = f"unreadable reply ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})"
+            if reason is None:
+                accepted[client] = reply
+                continue
+            label = str(client)[:40] if valid_id and str(client) not in rejected else f"{str(client)[:40]}#{number}"
+            rejected[label] = reason
+            log.warning("dropped a reply for client %s (%s): %s", str(client)[:40], reply.source, reason)
+        return [accepted[c] for c in sorted(accepted)], rejected
+
     def receive(self, round_num: int, replies: list[Reply], sent: dict[int, State]) -> dict[str, Any]:
         """Check, (privatise,) aggregate. Returns the round's server-side metrics."""
-        accepted: list[Reply] = []
-        rejected: dict[int, str] = {}
-        for reply in sorted(replies, key=lambda r: r.client_id):
-            reason = self.check(reply, sent[reply.client_id])
-            if reason is None:
-                accepted.append(reply)
-            else:
-                rejected[reply.client_id] = reason
-                log.warning("round %d: dropped reply of client %d (%s): %s", round_num, reply.client_id, reply.source, reason)
-        metrics: dict[str, Any] = {
-            "replies": len(replies),
-            "rejected_replies": len(rejected),
-            "rejected": {str(k): v for k, v in rejected.items()},
-        }
+        accepted, rejected = self.screen(replies, sent)
+        self.accepted = accepted
+        metrics: dict[str, Any] = {"replies": len(replies), "rejected_replies": len(rejected), "rejected": rejected}
         minimum = self.config.min_replies
         if len(accepted) < minimum:
             log.warning("round %d: %d valid replies < min_replies=%d; server state unchanged", round_num, len(accepted), minimum)
@@ -203,30 +216,36 @@ class FederatedServer:
     def checkpoint_file(self) -> Path | None:
         return self.checkpoint_dir / "server.safetensors" if self.checkpoint_dir else None
 
-    def save_checkpoint(self) -> None:
-        """Atomic: write a temporary file, then rename it over the previous checkpoint."""
+    def save_checkpoint(self, extra: dict[str, str] | None = None) -> None:
+        """Atomic: a temporary file renamed over the previous checkpoint. ``extra`` metadata
+        (a runtime's own bookkeeping, e.g. which client-state files belong to this round)
+        commits with the server state in the same rename."""
         if self.checkpoint_file is None:
             return
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
-        metadata = {"completed_round": str(self.completed_round), "method": self.method.name}
+        metadata = {"completed_round": str(self.completed_round), "method": self.method.name, **(extra or {})}
         if self.accountant is not None:
             metadata["accountant"] = json.dumps(self.accountant.state_dict())
-        tmp = self.checkpoint_file.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in self.state.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, self.checkpoint_file)
+        save_safetensors(self.checkpoint_file, self.state, metadata)
 
     def load_checkpoint(self) -> int:
-        """Restore the last complete round's state; returns that round (0: no checkpoint)."""
+        """Restore the last complete round's state; returns that round (0: no checkpoint).
+        The checkpoint's metadata stays in ``checkpoint_metadata``."""
+        self.checkpoint_metadata: dict[str, str] = {}
         if self.checkpoint_file is None or not self.checkpoint_file.exists():
             return 0
         from safetensors import safe_open
 
-        with safe_open(str(self.checkpoint_file), "pt") as f:
-            metadata = f.metadata() or {}
+        try:
+            with safe_open(str(self.checkpoint_file), "pt") as f:
+                metadata = f.metadata() or {}
+            state = load_file(str(self.checkpoint_file))
+        except Exception as err:
+            raise UsageError(f"checkpoint {self.checkpoint_file} is unreadable ({type(err).__name__})") from None
         if metadata.get("method") != self.method.name:
             raise UsageError(f"checkpoint is from method {metadata.get('method')!r}, not {self.method.name!r}")
-        self.state = load_file(str(self.checkpoint_file))
+        self.state = state
         self.completed_round = int(metadata["completed_round"])
+        self.checkpoint_metadata = metadata
         if self.accountant is not None and "accountant" in metadata:
             self.accountant.load_state_dict(json.loads(metadata["accountant"]))
         return self.completed_round

@@ -4,8 +4,13 @@ A run, top to bottom (``Simulator.run``):
 
 1. build the federation (data, model, method) and the run directory;
 2. each round: sample clients; for each, download -> train -> upload, keeping its local
-   parts in the client store; aggregate; evaluate every ``eval_every`` rounds;
+   parts in the client store; aggregate; evaluate every ``eval_every`` rounds; append the
+   round's metrics row, then checkpoint (server state + the clients' local states, one
+   atomic commit), so ``run(resume=True)`` continues a killed run bit for bit;
 3. export the global adapter (PEFT format), personal adapters, summary and plots.
+
+Every random draw is derived from (seed, round, client) (``derive_seed``): no random stream
+crosses a round boundary, so a checkpoint needs no RNG state to resume exactly.
 """
 
 from __future__ import annotations
@@ -20,12 +25,13 @@ import torch
 from tqdm.auto import tqdm
 
 from fedtune.config import RunConfig, dump_config
+from fedtune.errors import UsageError
 from fedtune.plots import plot_run
 from fedtune.rundir import RunDir
 from fedtune.runtime.engine import Federation, client_turn, describe, sample_clients
 from fedtune.runtime.evaluation import PRIMARY_METRIC
 from fedtune.runtime.server import FederatedServer, Reply, round_row
-from fedtune.runtime.store import ClientStateStore
+from fedtune.runtime.store import ClientCheckpoint, ClientStateStore
 from fedtune.state import State, through_wire
 
 
@@ -37,7 +43,9 @@ class Simulator:
         self.run_dir = run_dir
         spill = (run_dir.path if run_dir else Path(tempfile.mkdtemp(prefix="fedtune-"))) / "client_state"
         self.store = ClientStateStore(int(self.config.store_memory_mb * 2**20), spill)
-        self.server_side = FederatedServer(fed)
+        checkpoint = run_dir.path / "checkpoint" if run_dir else None
+        self.server_side = FederatedServer(fed, checkpoint_dir=checkpoint)
+        self.client_checkpoint = ClientCheckpoint(checkpoint / "clients") if checkpoint else None
         self.history: list[dict[str, Any]] = []
 
     @property
@@ -68,6 +76,8 @@ class Simulator:
             turn = client_turn(fed, client_id, round_num, sent[client_id], self.local_state(client_id), on_step=step_bar)
             if turn.local:
                 self.store.put(client_id, turn.local)
+                if self.client_checkpoint is not None:
+                    self.client_checkpoint.write(client_id, round_num, turn.local)
             n_k = fed.data.clients[client_id].num_examples
             replies.append(
                 Reply(client_id, n_k, turn.upload, {"train_loss": turn.result.loss, "train_state_bytes": turn.result.train_state_bytes})
@@ -78,7 +88,7 @@ class Simulator:
         aggregate_start = time.perf_counter()
         server_metrics = server.receive(round_num, replies, sent)
         aggregate_seconds = time.perf_counter() - aggregate_start
-        row = round_row(round_num, self.method.name, replies, bytes_down, fed.wire_dtype, server_metrics)
+        row = round_row(round_num, self.method.name, server.accepted, bytes_down, fed.wire_dtype, server_metrics)
         eval_start = time.perf_counter()
         if round_num % config.eval_every == 0 or round_num == config.rounds:
             row.update(self.evaluate_global())
@@ -136,16 +146,18 @@ class Simulator:
         return {k: sum(m[k] for m in per_client) / len(per_client) for k in per_client[0]}
 
     # -- the whole run ----------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
+    def run(self, resume: bool = False) -> dict[str, Any]:
         config, fed = self.config, self.fed
         run_start = time.perf_counter()
+        done = self._restore() if resume else 0
         if self.run_dir:
             self.run_dir.write_config(dump_config(config))
-            if self.method.uses_lora:
+            if self.method.uses_lora and done == 0:
                 self._save_initial_states()
         primary = PRIMARY_METRIC[fed.data.task.metric]
-        cumulative_up = cumulative_down = 0
-        rounds_bar = tqdm(range(1, config.rounds + 1), desc=f"{self.method.name} rounds", disable=not config.progress)
+        cumulative_up = sum(r["bytes_up"] for r in self.history)
+        cumulative_down = sum(r["bytes_down"] for r in self.history)
+        rounds_bar = tqdm(range(done + 1, config.rounds + 1), desc=f"{self.method.name} rounds", disable=not config.progress)
         for round_num in rounds_bar:
             steps = sum(fed.steps_for_client(c) for c in sample_clients(config.clients, config.sampled_per_round, config.seed, round_num))
             with tqdm(total=steps, desc=f"round {round_num} local steps", leave=False, disable=not config.progress) as bar:
@@ -157,9 +169,13 @@ class Simulator:
             self.history.append(row)
             if self.run_dir:
                 self.run_dir.append_metrics(row)
+                self._checkpoint()
+                self.run_dir.commit()  # the new run has really started: the run it replaced goes
             if primary in row:
                 rounds_bar.set_postfix({primary: f"{row[primary]:.4f}"})
         summary = self.summary(time.perf_counter() - run_start)
+        if done:
+            summary["resumed_after_round"] = done
         if self.run_dir:
             self._export()
             self.run_dir.write_summary(summary)
@@ -201,6 +217,26 @@ class Simulator:
             "accelerator": torch.cuda.get_device_name(fed.device) if fed.device.type == "cuda" else None,
             "seed": self.config.seed,
         }
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _checkpoint(self) -> None:
+        """Commit the round: the metrics row is already written, so a kill before this
+        rename redoes the round (its row is dropped on resume), a kill after it does not."""
+        assert self.client_checkpoint is not None
+        self.server_side.save_checkpoint({"clients": self.client_checkpoint.encode()})
+        self.client_checkpoint.committed()
+
+    def _restore(self) -> int:
+        """Load the last checkpoint (server, clients, metrics rows); returns its round."""
+        if self.run_dir is None or self.client_checkpoint is None:
+            raise UsageError("resuming needs a run directory")
+        done = self.server_side.load_checkpoint()
+        if done > self.config.rounds:
+            raise UsageError(f"--resume: the run in {self.run_dir.path} has done {done} rounds, more than rounds={self.config.rounds}")
+        for client_id, state in self.client_checkpoint.restore(self.server_side.checkpoint_metadata.get("clients", "{}")).items():
+            self.store.put(client_id, state)
+        self.history = self.run_dir.keep_rounds(done)
+        return done
 
     # -- outputs ----------------------------------------------------------------------------
     def _save_initial_states(self) -> None:

@@ -8,11 +8,14 @@ spilled client back transparently. No pickles: safetensors only.
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from fedtune.atomic import save_safetensors
+from fedtune.errors import UsageError
 from fedtune.state import State, num_bytes
 
 
@@ -89,3 +92,47 @@ class ClientStateStore:
             self.spill_dir.mkdir(parents=True, exist_ok=True)
             save_file(state, str(self._path(victim)))
             self._spilled.add(victim)
+
+
+class ClientCheckpoint:
+    """Every client's local state as of the last checkpointed round, for resuming a run.
+
+    A client's state after round t goes to ``<dir>/<client>-r<t>.safetensors`` as soon as
+    its turn ends. Which file is current is decided by a manifest {client: round} that the
+    caller commits together with the server's checkpoint (one atomic rename); files newer
+    than the committed manifest (a run killed mid-round) are ignored and later pruned, so a
+    resumed run restarts the round from exactly the states the server's checkpoint saw.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.manifest: dict[int, int] = {}
+
+    def _path(self, client_id: int, round_num: int) -> Path:
+        return self.directory / f"{client_id}-r{round_num}.safetensors"
+
+    def write(self, client_id: int, round_num: int, state: State) -> None:
+        save_safetensors(self._path(client_id, round_num), state)
+        self.manifest[client_id] = round_num
+
+    def encode(self) -> str:
+        return json.dumps({str(k): v for k, v in sorted(self.manifest.items())})
+
+    def committed(self) -> None:
+        """The manifest is committed: files it does not name are no longer needed."""
+        wanted = {self._path(c, r).name for c, r in self.manifest.items()}
+        for path in self.directory.glob("*.safetensors") if self.directory.is_dir() else []:
+            if path.name not in wanted:
+                path.unlink(missing_ok=True)
+
+    def restore(self, encoded: str) -> dict[int, State]:
+        """The states a committed manifest names."""
+        self.manifest = {int(k): int(v) for k, v in json.loads(encoded or "{}").items()}
+        states = {}
+        for client_id, round_num in self.manifest.items():
+            path = self._path(client_id, round_num)
+            try:
+                states[client_id] = load_file(str(path))
+            except Exception as err:
+                raise UsageError(f"checkpoint of client {client_id} ({path}) is missing or unreadable ({type(err).__name__})") from None
+        return states

@@ -30,6 +30,9 @@ def cmd_study(args: argparse.Namespace) -> int:
         skipped = [name for name in known if name not in args.settings]
         study = dataclasses.replace(study, settings=tuple(s for s in study.settings if s.name in args.settings))
     out, report_dir = Path(args.out), Path(args.report)
+    for flag, path in (("--out", out), ("--report", report_dir)):
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"{flag} {path} exists and is not a directory")
     start = time.perf_counter()
     missing = unfinished_runs(study, out, args.size, args.seeds) if args.finished_only else []
     rows = run_study(study, out, args.size, args.seeds, args.jobs, finished_only=args.finished_only)

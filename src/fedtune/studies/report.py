@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from fedtune.atomic import write_text
 from fedtune.plots import line_plot
 from fedtune.rundir import read_metrics
 from fedtune.studies.definitions import Study
@@ -129,5 +130,5 @@ def write_report(
     lines += ["What the tables above show for each claim is summarised in the project README (Results).", ""]
     report_dir.mkdir(parents=True, exist_ok=True)
     path = report_dir / f"{study.name}.md"
-    path.write_text("\n".join(lines))
+    write_text(path, "\n".join(lines))
     return path

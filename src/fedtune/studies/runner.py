@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import gc
+import io
 import json
 import multiprocessing
 import os
@@ -27,7 +28,8 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
-from fedtune.config import dump_config, load_config
+from fedtune.atomic import write_text
+from fedtune.config import RunConfig, dump_config, load_config
 from fedtune.errors import UsageError
 from fedtune.rundir import RunDir, read_metrics
 from fedtune.runtime.engine import build_federation
@@ -57,11 +59,17 @@ def _overrides(values: dict[str, object]) -> list[str]:
 
 
 def reusable(out: Path, config_text: str) -> bool:
-    """A finished run made from exactly this resolved config."""
+    """A finished run made from this resolved config. The stored config is read through
+    today's schema, so a setting added since (at a default that keeps the old behaviour)
+    does not make a finished run look different."""
     stored = out / "config.yaml"
     if not (out / "summary.json").exists() or not stored.exists():
         return False
-    return yaml.safe_load(stored.read_text()) == yaml.safe_load(config_text)
+    try:
+        then = load_config(stored).model_dump(mode="json")
+    except UsageError:  # a setting that no longer exists: not the same run
+        return False
+    return then == RunConfig.model_validate(yaml.safe_load(config_text)).model_dump(mode="json")
 
 
 def run_one(base: Path, overrides: list[str], out: Path) -> dict[str, Any]:
@@ -93,9 +101,13 @@ RUNTIME_COLUMNS = ("train_tokens_per_second", "gpu_peak_memory_bytes")
 
 
 def _limit_threads(threads: int) -> None:
+    """A worker process's set-up: its share of the cores, and the parent's quiet libraries."""
     import torch
 
+    from fedtune.cli import quiet_libraries
+
     torch.set_num_threads(threads)
+    quiet_libraries()
 
 
 def _run_in_worker(job: tuple[Path, list[str], Path]) -> dict[str, Any]:
@@ -130,6 +142,8 @@ def run_study(
     grid = _grid(study, out, size, seeds)
     if finished_only:
         grid = [(key, spec) for key, spec in grid if _finished(spec)]
+        if not grid:
+            return []
     specs = [spec for _, spec in grid]
     bar = tqdm(total=len(specs), desc=f"study {study.name}")
     if jobs > 1:
@@ -148,7 +162,8 @@ def run_study(
             bar.update(1)
     bar.close()
     rows = [_row(study, setting, label, seed, spec[2], summary) for ((setting, label, seed), spec), summary in zip(grid, summaries)]
-    write_csv(rows, out / "results.csv")
+    if rows:
+        write_csv(rows, out / "results.csv")
     return rows
 
 
@@ -186,9 +201,9 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
     fields: list[str] = []
     for row in rows:
         fields += [k for k in row if k not in fields]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, text.getvalue())
     return path

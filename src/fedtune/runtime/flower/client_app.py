@@ -2,8 +2,11 @@
 
 The server sends, with every request, the run's resolved config (YAML) and the client id,
 so the ClientApp needs no files of its own; the node's ``node_config`` may add
-``data-dir`` (where this machine keeps the datasets) and ``state-dir`` (where it keeps its
-local parts between rounds and runs).
+``data-dir`` (where this machine keeps the datasets), ``state-dir`` (where it keeps its
+local parts between rounds and runs) and ``export-dir`` (where it writes its personal
+adapter; default: the state dir). A client writes files only under these node-config
+directories, which its data holder chose: a path in a server's message is ignored, so a
+server cannot make a node write (or overwrite) anywhere else on the node's machine.
 
 The base model and the client's tokenised shard are built once per process and cached
 (keyed by the config), so Flower's simulation engine, whose Ray actors live across rounds,
@@ -27,7 +30,8 @@ from typing import Any
 
 import torch
 import yaml
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.common.constant import SType
 from flwr.clientapp import ClientApp
 from safetensors.torch import load_file, save_file
 
@@ -80,9 +84,28 @@ def federation_for(config: RunConfig, client_id: int, node_config: Any) -> Feder
 
 
 # -- local state between rounds ------------------------------------------------------------------
+#: paths a server may put in its messages (older fedtune servers did): never used, since where
+#: a node writes is its data holder's choice, not the server's
+SERVER_PATH_KEYS = ("state-dir", "export-dir")
+_warned: set[tuple[str, str]] = set()
+
+
+def _ignore_server_paths(settings: dict[str, Any]) -> None:
+    for key in SERVER_PATH_KEYS:
+        if settings.get(key) is not None and (key, str(settings[key])) not in _warned:
+            _warned.add((key, str(settings[key])))  # once per path, not every round
+            log.warning("fedtune: ignoring the server-sent %s %r; this node writes only under its node-config dirs", key, str(settings[key])[:200])
+
+
 def _state_dir(context: Context, settings: dict[str, Any]) -> Path | None:
-    chosen = context.node_config.get("state-dir") or settings.get("state-dir")
+    _ignore_server_paths(settings)
+    chosen = context.node_config.get("state-dir")
     return Path(str(chosen)) if chosen else None
+
+
+def _export_dir(context: Context, settings: dict[str, Any]) -> Path | None:
+    chosen = context.node_config.get("export-dir")
+    return Path(str(chosen)) if chosen else _state_dir(context, settings)
 
 
 def _record_name(settings: dict[str, Any]) -> str:
@@ -129,15 +152,25 @@ def _client_id(context: Context, settings: dict[str, Any]) -> int:
 
 
 # -- handlers ------------------------------------------------------------------------------------
-FAULT_KINDS = ("crash", "nan", "extra_key", "wrong_shape", "wrong_dtype", "huge")
-
-
-def inject_fault(faults: list[str], client_id: int, round_num: int, upload: State) -> State:
-    """A misbehaving client, for testing the server (config ``flower.inject_faults``)."""
+def inject_fault(faults: list[str], client_id: int, round_num: int, upload: State, clients: int) -> tuple[ArrayRecord, int]:
+    """A misbehaving client, for testing the server (config ``flower.inject_faults``): the
+    arrays it sends and the client id it claims."""
     kinds = [f.split(":")[0] for f in faults if f.split(":")[1:] == [str(client_id)]]
-    if not kinds:
+    kind = kinds[0] if kinds else None
+    if kind == "impersonate":  # answers as the next client
+        return to_record(upload), (client_id + 1) % clients
+    if kind == "unknown_id":
+        return to_record(upload), clients + 99
+    if kind == "garbage_array":  # bytes no numpy parser accepts, under a real key
+        record = to_record(upload)
+        record[sorted(record.keys())[0]] = Array(dtype="float32", shape=(4,), stype=SType.NUMPY, data=b"\x93NUMPY garbage")
+        return record, client_id
+    return to_record(_corrupt(kind, client_id, round_num, upload)), client_id
+
+
+def _corrupt(kind: str | None, client_id: int, round_num: int, upload: State) -> State:
+    if kind is None:
         return upload
-    kind = kinds[0]
     if kind == "crash":
         raise RuntimeError(f"injected crash of client {client_id} in round {round_num}")
     key = sorted(upload)[0]
@@ -165,11 +198,11 @@ def train(message: Message, context: Context) -> Message:
     local = load_local(context, settings, client_id, round_num, fed)
     turn = client_turn(fed, client_id, round_num, received, local)
     save_local(context, settings, client_id, round_num, turn.local)
-    upload = inject_fault(config.flower.inject_faults, client_id, round_num, turn.upload)
+    arrays, claimed_id = inject_fault(config.flower.inject_faults, client_id, round_num, turn.upload, config.clients)
     metrics = MetricRecord(
         {
             "num-examples": fed.data.clients[client_id].num_examples,
-            "client-id": client_id,
+            "client-id": claimed_id,
             "train_loss": turn.result.loss,
             "compute_seconds": turn.result.compute_seconds,
             "train_state_bytes": turn.result.train_state_bytes,
@@ -177,7 +210,7 @@ def train(message: Message, context: Context) -> Message:
             "pid": os.getpid(),
         }
     )
-    return Message(RecordDict({"arrays": to_record(upload), "metrics": metrics}), reply_to=message)
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=message)
 
 
 @app.evaluate()
@@ -193,18 +226,24 @@ def personal_evaluate(message: Message, context: Context) -> Message:
     client = fed.data.clients[client_id]
     results = fed.evaluate(state, client.test, client.scored_test)
     if settings.get("export"):
-        # simulation: into the run directory; deployment: into this node's state dir
-        root = settings.get("export-dir") or _state_dir(context, settings)
+        root = _export_dir(context, settings)
         if root is not None:
-            fed.save(state, Path(str(root)) / str(client_id))
+            fed.save(state, root / str(client_id))
+        else:
+            log.warning("fedtune: personal adapter of client %d not written: this node has no state-dir or export-dir", client_id)
     metrics = MetricRecord({"num-examples": max(len(client.test), 1), "client-id": client_id, **results})
     return Message(RecordDict({"metrics": metrics}), reply_to=message)
+
+
+def config_text(config: RunConfig) -> str:
+    """The config as it travels in ``settings_record`` (and keys a run's local state)."""
+    return yaml.safe_dump(config.model_dump(mode="json"))
 
 
 def settings_record(config: RunConfig, client_id: int, round_num: int, **extra: Any) -> ConfigRecord:
     """What the server sends beside the tensors: the resolved config, who, which round."""
     record = {
-        "fedtune-config": yaml.safe_dump(config.model_dump(mode="json")),
+        "fedtune-config": config_text(config),
         "client-id": client_id,
         "server-round": round_num,
     }

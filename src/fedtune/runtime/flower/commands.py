@@ -2,7 +2,8 @@
 
     fedtune flower simulate [CONFIG.yaml] [key=value ...] --out DIR [--resume] [--overwrite]
     fedtune flower app [CONFIG.yaml] [key=value ...] --out DIR --app-dir APP_DIR [--resume]
-    fedtune flower tls --dir DIR [--host 127.0.0.1 ...]
+    fedtune flower tls --dir DIR [--host SERVER ...]
+    fedtune flower gateway --listen 0.0.0.0:9092 --superlink 127.0.0.1:9093 --certs DIR
     fedtune flower node-key PATH
 """
 
@@ -26,17 +27,22 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedtune.cli import format_summary
     from fedtune.data.federated import plan_partitions
     from fedtune.errors import UsageError
-    from fedtune.rundir import check_run_dir
+    from fedtune.rundir import RunDir, check_run_dir
+    from fedtune.runtime.engine import build_federation
     from fedtune.runtime.flower.simulate import simulate
 
     config = _config(args)
+    if config.flower.node_partitions:
+        raise UsageError("flower.node_partitions names deployed SuperNodes; the simulation engine makes its own nodes")
     out = Path(args.out)
     if args.resume:
         if not (out / "checkpoint" / "server.safetensors").exists():
             raise UsageError(f"--resume: {out} has no checkpoint to resume from")
+        RunDir.resume(out, config)  # a changed config is refused, not trained on silently
     else:
         check_run_dir(out, args.overwrite)
-    plan_partitions(config)  # bad data input fails here, before Ray starts
+    # every check of the config against data, model and method, before Ray starts
+    build_federation(config, plan_partitions(config), only_clients=set(), global_test=False)
     start = time.perf_counter()
     summary = simulate(config, out, resume=args.resume, overwrite=args.overwrite)
     print(format_summary({**summary, "wall_seconds": time.perf_counter() - start}, out))
@@ -44,9 +50,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_app(args: argparse.Namespace) -> int:
+    from fedtune.errors import UsageError
     from fedtune.runtime.flower.deploy import write_app
+    from fedtune.runtime.flower.strategy import check_node_partitions
 
     config = _config(args)
+    try:  # here rather than when the ServerApp starts on the SuperLink
+        check_node_partitions(config.flower.node_partitions, config.clients)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     app_dir = write_app(config, Path(args.out), Path(args.app_dir), resume=args.resume, overwrite=args.overwrite)
     print(f"Flower app written to {app_dir}; start it with: flwr run {app_dir} <connection> --stream")
     return 0
@@ -55,9 +67,20 @@ def cmd_app(args: argparse.Namespace) -> int:
 def cmd_tls(args: argparse.Namespace) -> int:
     from fedtune.runtime.flower.deploy import make_tls
 
-    files = make_tls(Path(args.dir), args.host or ["127.0.0.1", "localhost"])
+    files = make_tls(Path(args.dir), args.host or [])
     for role, path in files.items():
         print(f"{role:>4}: {path}")
+    return 0
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from fedtune.errors import UsageError
+    from fedtune.runtime.flower.gateway import run_gateway
+
+    try:
+        run_gateway(args.listen, args.superlink, Path(args.certs))
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from None
     return 0
 
 
@@ -90,8 +113,14 @@ def add_flower_commands(sub: Any, parser_class: type[argparse.ArgumentParser]) -
 
     tls = commands.add_parser("tls", help="make a CA and a SuperLink certificate")
     tls.add_argument("--dir", required=True)
-    tls.add_argument("--host", action="append", help="SuperLink address (repeatable; default 127.0.0.1, localhost)")
+    tls.add_argument("--host", action="append", help="the server's public name or IP (repeatable); 127.0.0.1 and localhost are always added")
     tls.set_defaults(func=cmd_tls)
+
+    gateway = commands.add_parser("gateway", help="serve the SuperLink's Fleet API, and nothing else, on a public address")
+    gateway.add_argument("--listen", required=True, help="public HOST:PORT for the SuperNodes, e.g. 0.0.0.0:9092")
+    gateway.add_argument("--superlink", default="127.0.0.1:9093", help="the SuperLink's local HOST:PORT (default 127.0.0.1:9093)")
+    gateway.add_argument("--certs", required=True, help="the folder written by `fedtune flower tls`")
+    gateway.set_defaults(func=cmd_gateway)
 
     key = commands.add_parser("node-key", help="make a SuperNode authentication key pair")
     key.add_argument("path")

@@ -8,7 +8,10 @@ A deployed run uses Flower's own processes (``flower-superlink``, ``flower-super
 - TLS material: a CA and a server certificate for the SuperLink's addresses;
 - SuperNode authentication keys (EC P-384, OpenSSH format, as ``flwr supernode register``
   and ``flower-supernode --auth-supernode-private-key`` expect);
-- a SuperLink connection in ``$FLWR_HOME/config.toml`` for ``flwr run``.
+- a SuperLink connection in ``$FLWR_HOME/config.toml`` for ``flwr run``, always to the
+  SuperLink's local address: Flower 1.41 serves the Control API on the same port as the
+  Fleet API and the open-source build authenticates no Control caller, so the SuperLink
+  listens on 127.0.0.1 and only ``fedtune flower gateway`` (Fleet calls only) is public.
 
 Keys and certificates are made with ``cryptography`` (a Flower dependency) rather than by
 shelling out to openssl / ssh-keygen, which may be missing on a data holder's machine.
@@ -71,13 +74,19 @@ def write_app(config: RunConfig, out_dir: Path, app_dir: Path, resume: bool = Fa
     return app_dir
 
 
+#: the SuperLink itself listens here; the operator's ``flwr`` (directly or through an SSH
+#: tunnel) and the gateway connect to it, so its certificate must name them
+LOOPBACK_NAMES = ["127.0.0.1", "localhost"]
+
+
 def make_tls(directory: Path, hosts: list[str]) -> dict[str, Path]:
-    """A CA and a server certificate valid for ``hosts`` (names or IP addresses)."""
+    """A CA and a server certificate valid for ``hosts`` and the loopback names."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+    hosts = list(dict.fromkeys([*hosts, *LOOPBACK_NAMES]))
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
 
@@ -144,8 +153,27 @@ def make_node_key(path: Path) -> tuple[Path, Path]:
     return path, public
 
 
+def is_loopback(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def write_connection(flwr_home: Path, name: str, address: str, root_certificates: Path | None) -> Path:
-    """Add (or replace) a SuperLink connection in ``FLWR_HOME/config.toml`` and make it default."""
+    """Write ``FLWR_HOME/config.toml`` with one SuperLink connection, the default one.
+
+    ``address`` must be a loopback address: the SuperLink's Control API is only served
+    there (from another machine, reach it through an SSH tunnel).
+    """
+    if not is_loopback(address):
+        raise ValueError(
+            f"{address}: the Control API is served on 127.0.0.1 only; run flwr on the server "
+            "or through an SSH tunnel (ssh -L 9093:127.0.0.1:9093 SERVER) and connect to 127.0.0.1:9093"
+        )
     flwr_home.mkdir(parents=True, exist_ok=True)
     lines = ["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]", f'address = "{address}"']
     if root_certificates is None:

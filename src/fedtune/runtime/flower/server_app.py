@@ -19,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtune.config import RunConfig, dump_config
 from fedtune.plots import plot_run
-from fedtune.rundir import RunDir, read_metrics
+from fedtune.rundir import RunDir
 from fedtune.runtime.engine import build_federation, describe
 from fedtune.runtime.evaluation import PRIMARY_METRIC
 from fedtune.runtime.flower.strategy import FedtuneStrategy
@@ -30,28 +30,32 @@ log = logging.getLogger("fedtune.flower.server")
 
 def run_server(grid: Grid, config: RunConfig, out: Path, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """One Flower run end to end on the server: rounds, checkpoints, run directory, exports."""
-    run_dir = RunDir(out) if resume and out.is_dir() else RunDir.create(out, overwrite)
-    fed = build_federation(config, only_clients=set(), global_test=True)
+    fed = build_federation(config, only_clients=set(), global_test=True)  # all checks before the run dir
+    run_dir = RunDir.resume(out, config) if resume and out.is_dir() else RunDir.create(out, overwrite)
+    try:
+        return _run(grid, config, out, run_dir, fed, resume)
+    except BaseException:
+        run_dir.restore()  # failed before its first round: the replaced run comes back
+        raise
+
+
+def _run(grid: Grid, config: RunConfig, out: Path, run_dir: RunDir, fed: Any, resume: bool) -> dict[str, Any]:
     server = FederatedServer(fed, checkpoint_dir=out / "checkpoint")
     start_round = 1
     history: list[dict[str, Any]] = []
     if resume:
         done = server.load_checkpoint()
-        history = [row for row in read_metrics(out) if row["round"] <= done] if (out / "metrics.jsonl").exists() else []
-        (out / "metrics.jsonl").write_text("")
-        for row in history:
-            run_dir.append_metrics(row)
+        # rows after the checkpoint (a kill between the row and the checkpoint) are redone
+        history = run_dir.keep_rounds(done)
         start_round = done + 1
         log.info("resuming after round %d", done)
-    else:
-        run_dir.write_config(dump_config(config))
+    run_dir.write_config(dump_config(config))
 
     def global_eval() -> dict[str, float]:
         return fed.evaluate(fed.method.global_state(server.state, fed.initial_state(None)), fed.data.test, fed.data.scored_test)
 
-    strategy = FedtuneStrategy(
-        server, state_dir=str(out / "client_state"), export_dir=str(out / "clients"), global_eval=global_eval
-    )
+    # no state or export dirs for the clients: each node writes only where its own config says
+    strategy = FedtuneStrategy(server, global_eval=global_eval)
     cumulative = [sum(r["bytes_up"] for r in history), sum(r["bytes_down"] for r in history)]
 
     def on_round(row: dict[str, Any]) -> None:
@@ -60,6 +64,7 @@ def run_server(grid: Grid, config: RunConfig, out: Path, resume: bool = False, o
         row["cumulative_bytes_up"], row["cumulative_bytes_down"] = cumulative
         history.append(row)
         run_dir.append_metrics(row)
+        run_dir.commit()
         log.info("round %d: %s", row["round"], {k: v for k, v in row.items() if k in PRIMARY_METRIC.values()})
 
     strategy.run(grid, on_round, start_round)

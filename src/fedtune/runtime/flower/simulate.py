@@ -31,6 +31,43 @@ def backend_config(config: RunConfig) -> dict[str, Any]:
     }
 
 
+def simulation_client_app(runs: list[tuple[RunConfig, Path]]) -> Any:
+    """fedtune's ClientApp, each simulated node configured as a data holder would configure it.
+
+    Flower's simulation engine gives a node no config beyond its partition id, and the
+    ClientApp writes only under its node config's ``state-dir`` / ``export-dir``, never where
+    a message says. So the operator of the simulation (who is every data holder here) sets
+    them: for a message of run ``config``, ``OUT/client_state`` and ``OUT/clients``. A
+    message for a config that is none of ``runs`` gets no dirs, so nothing is written.
+    """
+    from dataclasses import replace
+
+    from flwr.app import ConfigRecord
+    from flwr.clientapp import ClientApp
+
+    from fedtune.runtime.flower import client_app as fedtune_client
+
+    dirs = {
+        fedtune_client.config_text(config): {"state-dir": str(out / "client_state"), "export-dir": str(out / "clients")}
+        for config, out in runs
+    }
+
+    def with_node_dirs(handler: Any) -> Any:
+        def handle(message: Any, context: Any) -> Any:
+            settings = message.content.get("config")
+            chosen = dirs.get(str(settings.get("fedtune-config", ""))) if isinstance(settings, ConfigRecord) else None
+            node_config = {k: v for k, v in context.node_config.items() if k not in ("state-dir", "export-dir")}
+            return handler(message, replace(context, node_config={**node_config, **(chosen or {})}))
+
+        return handle
+
+    app = ClientApp()
+    app.train()(with_node_dirs(fedtune_client.train))
+    app.evaluate()(with_node_dirs(fedtune_client.personal_evaluate))
+    app.query()(with_node_dirs(fedtune_client.identify))
+    return app
+
+
 def simulate(config: RunConfig, out: Path, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Run ``config`` on Flower's simulation engine; returns the run's summary."""
     return simulate_many([(config, out)], resume=resume, overwrite=overwrite)[0]
@@ -48,11 +85,17 @@ def simulate_many(runs: list[tuple[RunConfig, Path]], resume: bool = False, over
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
-    from fedtune.runtime.flower.client_app import app as client_app
+    from fedtune.runtime.flower.client_app import config_text
     from fedtune.runtime.flower.server_app import run_server
 
     if len({config.clients for config, _ in runs}) != 1:
         raise ValueError("runs sharing one simulation need the same number of clients")
+    if any(config.flower.node_partitions for config, _ in runs):
+        raise ValueError("flower.node_partitions names deployed SuperNodes; the simulation engine makes its own nodes")
+    if len({config_text(config) for config, _ in runs}) != len(runs):
+        # a client finds its run's state dir by the run's config
+        raise ValueError("runs sharing one simulation need different configs (e.g. another seed)")
+    client_app = simulation_client_app(runs)
     server_app = ServerApp()
 
     @server_app.main()
