@@ -2,7 +2,10 @@
 ``docs/results/performance.md`` summarises them all.
 
 - ``overhead``: the default job's share of round time outside forward/backward/optimizer (<= 5 %).
-- ``throughput``: a client turn vs a hand-written peft + AdamW loop, examples/s (ratio >= 0.95).
+- ``throughput``: a client turn at the default precision vs hand-written peft + AdamW loops in fp32
+  and under bf16 autocast, examples/s (>= 1.3 x fp32 and >= 0.95 x bf16 where the CPU has native bf16).
+- ``precision``: the default job in fp32 and at precision=auto, 2 seeds: final accuracy (within 1
+  point) and evaluation's share of a round (<= 10 %).
 - ``reload``: round time when every client reloads the model (FlowerTune's pattern) vs the simulator.
 - ``memory``: peak RSS of 100 vs 2 clients (<= RSS_2 + 100 x adapter + 200 MB).
 - ``flexlora``: FlexLoRA's QR fast path vs the dense SVD on 7B-shaped adapters (>= 50x, O((d_in + d_out) R) memory).
@@ -30,13 +33,14 @@ from flower_bench import bench_flower  # noqa: E402
 from gpu_bench import bench_gpu  # noqa: E402
 from report import write_performance_report  # noqa: E402
 from simulator_bench import bench_memory, bench_overhead, memory_child  # noqa: E402
+from precision_bench import bench_precision  # noqa: E402
 from training_bench import bench_reload, bench_throughput  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    parser.add_argument("--only", nargs="*", default=None, help="overhead, throughput, reload, memory, flexlora, aggregation, bytes, flower, gpu")
+    parser.add_argument("--only", nargs="*", default=None, help="overhead, throughput, precision, reload, memory, flexlora, aggregation, bytes, flower, gpu")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the default job for the overhead benchmark")
     parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
@@ -51,7 +55,7 @@ def main() -> None:
         flexlora_memory_child(args.flex_memory_child, Path(args.child_out))
         return
     out = Path(args.out)
-    everything = ["overhead", "throughput", "reload", "memory", "flexlora", "aggregation", "bytes", "flower", "gpu"]
+    everything = ["overhead", "throughput", "precision", "reload", "memory", "flexlora", "aggregation", "bytes", "flower", "gpu"]
     chosen = set(args.only or everything)
     if "overhead" in chosen:
         bench_overhead(out, args.rounds)
@@ -65,6 +69,8 @@ def main() -> None:
         bench_flower(out)
     if "throughput" in chosen:
         bench_throughput(out)
+    if "precision" in chosen:
+        bench_precision(out)
     if "reload" in chosen:
         bench_reload(out)
     if "aggregation" in chosen:

@@ -81,6 +81,9 @@ def tiny_overrides(dataset: Path, **extra: object) -> list[str]:
         "progress": "false",
         "device": "cpu",
         "threads": 1,
+        # exact comparisons (simulator vs Flower, resumed vs uninterrupted) are made in fp32;
+        # precision=auto has its own tests
+        "precision": "fp32",
     }
     settings.update(extra)
     return [f"{k}={v}" for k, v in settings.items()]

@@ -132,7 +132,10 @@ class RunConfig(ConfigSection):
 
     seed: int = 0
     device: Literal["cpu", "cuda", "auto"] = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"
+    #: auto: bf16 autocast where the device computes bf16 natively (CUDA with bf16, CPUs with
+    #: AVX512-BF16 or AMX), fp32 elsewhere; trainable tensors, optimizer state, aggregation and
+    #: the wire stay float32 either way
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: all cores)")
     eval_every: int = Field(1, gt=0)
     personalised_eval: bool = True

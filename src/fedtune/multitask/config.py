@@ -57,7 +57,7 @@ class MultiTaskConfig(ConfigSection):
 
     seed: int = 0
     device: Literal["cpu", "cuda", "auto"] = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     threads: int | None = Field(None, gt=0)
     progress: bool = True
 

@@ -37,7 +37,7 @@ from fedtune.multitask.report import score_stats, write_plots
 from fedtune.rundir import RunDir
 from fedtune.runtime.engine import derive_seed, pick_device, set_determinism
 from fedtune.runtime.evaluation import evaluate_classification, evaluate_language_model
-from fedtune.runtime.local_training import autocast, batches
+from fedtune.runtime.local_training import autocast, batches, resolve_precision
 
 
 @dataclass
@@ -47,6 +47,8 @@ class MultiTaskJob:
     tasks: list[EncodedTask]
     mt: MultiTaskModel
     device: torch.device
+    #: the compute precision actually used (``precision=auto`` resolved for the device)
+    precision: str = "fp32"
 
     @property
     def names(self) -> list[str]:
@@ -72,7 +74,7 @@ def prepare(config: MultiTaskConfig, rows: TaskRowSet | None = None) -> MultiTas
     )  # fmt: skip
     mt = MultiTaskModel(loaded, spec, label_counts, config.seed)
     mt.model.to(device)
-    return MultiTaskJob(config, rows.kind, tasks, mt, device)
+    return MultiTaskJob(config, rows.kind, tasks, mt, device, resolve_precision(config.precision, device))
 
 
 class TaskSampler:
@@ -108,7 +110,7 @@ def evaluate_tasks(job: MultiTaskJob, progress: bool = False) -> tuple[dict[str,
         for index, task in enumerate(tqdm(job.tasks, desc="evaluating", leave=False, disable=not progress)):
             mt.use_task(index)
             metrics[task.name] = evaluate(
-                mt.model, task.test, config.eval_batch_size, mt.loaded.pad_token_id, job.device, config.precision
+                mt.model, task.test, config.eval_batch_size, mt.loaded.pad_token_id, job.device, job.precision
             )
     finally:
         mt.stop_recording()
@@ -192,7 +194,7 @@ def train(job: MultiTaskJob, run_dir: RunDir | None = None) -> tuple[list[dict[s
         task = sampler.next()
         mt.use_task(task)
         batch = next(streams[task]).to(job.device)
-        with autocast(job.device, config.precision):
+        with autocast(job.device, job.precision):
             loss = task_loss(job, batch)
             balance = mt.take_balance_loss()
         total = loss if balance is None else loss + config.balance_loss * balance
@@ -267,5 +269,6 @@ def run_multitask(job: MultiTaskJob, run_dir: RunDir) -> dict[str, Any]:
     save_adapter(job.mt, run_dir.path / "adapter", adapter_config(job.mt, job.config.model, job.kind, job.names, label_counts))
     write_plots(summary, rows, run_dir.path / "plots")
     summary["wall_seconds"] = time.perf_counter() - start
+    summary["precision"] = job.precision
     run_dir.write_summary(summary)
     return summary

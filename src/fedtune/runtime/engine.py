@@ -23,7 +23,7 @@ from fedtune.methods import METHODS, FederatedMethod, build_method
 from fedtune.models import LoadedModel, ModelBinding, bind_full, bind_lora, load_model
 from fedtune.models.export import save_merged_weights
 from fedtune.runtime.evaluation import evaluate
-from fedtune.runtime.local_training import LocalResult, steps_for, train_locally
+from fedtune.runtime.local_training import LocalResult, resolve_precision, steps_for, train_locally
 from fedtune.state import LORA_A_SUFFIX, LORA_B_SUFFIX, WIRE_DTYPES, State, is_bookkeeping, num_bytes, through_wire
 
 
@@ -70,6 +70,8 @@ class Federation:
     binding: ModelBinding
     device: torch.device
     wire_dtype: torch.dtype
+    #: the compute precision actually used (``precision=auto`` resolved for ``device``)
+    precision: str = "fp32"
     _shared_initial: dict[int, State] = field(default_factory=dict, repr=False)
 
     @property
@@ -104,7 +106,7 @@ class Federation:
         self.binding.load(state)
         return evaluate(
             self.binding.model, self.data.task.metric, examples, scored, c.eval_batch_size, self.pad_id,
-            self.device, c.precision, self.loaded.tokenizer, c.max_new_tokens,
+            self.device, self.precision, self.loaded.tokenizer, c.max_new_tokens,
         )  # fmt: skip
 
     def save(self, state: State, root: Path) -> Path:
@@ -192,7 +194,8 @@ def build_federation(
     binding = bind_model(method, loaded, task.kind, config)
     binding.to(device)
     data = encode_plan(plan, loaded.tokenizer, config.max_seq_len, only_clients, global_test)
-    return Federation(config, method, data, loaded, binding, device, WIRE_DTYPES[config.wire_dtype])
+    precision = resolve_precision(config.precision, device)
+    return Federation(config, method, data, loaded, binding, device, WIRE_DTYPES[config.wire_dtype], precision)
 
 
 @dataclass
@@ -237,7 +240,7 @@ def client_turn(
         generator,
         fed.pad_id,
         fed.device,
-        precision=config.precision,
+        precision=fed.precision,
         max_grad_norm=config.max_grad_norm,
         hooks=hooks,
         on_step=on_step,
@@ -259,4 +262,5 @@ def describe(fed: Federation) -> dict[str, Any]:
         "shared_params": sum(v.numel() for v in shared.values()),
         "total_params": sum(p.numel() for p in fed.binding.model.parameters()),
         "client_examples": [c.num_examples for c in fed.data.clients],
+        "precision": fed.precision,
     }

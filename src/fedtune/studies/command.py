@@ -40,7 +40,9 @@ def cmd_study(args: argparse.Namespace) -> int:
         raise UsageError(f"no finished runs of study {study.name} (size {args.size}) under {out}")
     wall = sum(float(r["wall_seconds"]) for r in rows)
     write_csv(rows, report_dir / f"{study.name}.csv")
-    command = "fedtune " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["study"] else f"fedtune study {study.name}"
+    # what reproduces the runs: the invocation without --finished-only (which runs nothing)
+    argv = [a for a in sys.argv[1:] if a != "--finished-only"]
+    command = "fedtune " + " ".join(shlex.quote(a) for a in argv) if argv[:1] == ["study"] else f"fedtune study {study.name}"
     report = write_report(study, rows, report_dir, args.size, args.seeds, wall, command, skipped, missing)
     print(f"{len(rows)} runs in {(time.perf_counter() - start) / 60:.1f} min; report: {report}")
     return 0

@@ -34,10 +34,13 @@ class Study:
 
 #: what every ``gpu`` size adds: the accelerator and bf16 autocast
 GPU_RUNTIME = {"device": "cuda", "precision": "bf16"}
+#: the ``cpu`` sizes of these studies ran in fp32, before ``precision=auto`` became the
+#: default; pinning it keeps their committed runs reusable and their reports reproducible
+CPU_RUNTIME = {"precision": "fp32"}
 
 MINILM_20NG_CPU = {
     "clients": 10, "rounds": 5, "local_steps": 4, "max_seq_len": 96,
-    "max_eval_examples": 500, "max_client_eval_examples": 30, "lr": 0.005,
+    "max_eval_examples": 500, "max_client_eval_examples": 30, "lr": 0.005, **CPU_RUNTIME,
 }  # fmt: skip
 MINILM_20NG_GPU = {
     "clients": 20, "rounds": 30, "local_steps": 20, "max_seq_len": 256, "max_eval_examples": None,
@@ -51,6 +54,28 @@ HETERO_VARIANTS = {
     "HAFL truncation + zero-padding": {"method": "hafl", "hafl.scheme": "truncation", "hafl.aggregation": "zero_padding"},
     "HetLoRA (prefix truncation + zero-padding)": {"method": "hetlora"},
 }
+
+HAFL_NOTES = (
+    "Re-run on 2026-12-01 after three fixes (issue 13); the first report's numbers are in its git history. "
+    "(1) HAFL truncation now sends each client its top-r_k components by a server-side importance: per component, "
+    "the p-weighted mean of the scores reported by this round's clients that held it (the last value is kept for a "
+    "component nobody held). Before, each client was ranked only by the scores it had reported itself, and components "
+    "it never held kept score 0, so every rank-r_k client was sent components 0 .. r_k-1 in every round: HetLoRA's "
+    "prefix with HAFL's aggregation. The old 'HAFL truncation' rows measured that, not HAFL. (2) Clients keep their "
+    "importance EMAs at full rank (they were stored at rank r_k and read back at server indices). (3) One rank "
+    "scale: a rank-r_k client trains at alpha / r_k and the server's factors mean alpha / r_max; HetLoRA and HAFL "
+    "truncation now rescale B between the two. Before, a rank-2 client's update reached the global model at "
+    "r_k / r_max = 0.25 of what it trained.",
+    "What changed in the numbers: the freezing rows (every client holds all 8 components at the server's scale) "
+    "are untouched by the fixes and reproduced the first run's final accuracy in every seed (0.340 / 0.328 / 0.288 "
+    "and 0.318 / 0.314 / 0.260), on another machine. HAFL truncation + adaptive: 0.236 ± 0.092 (was 0.218 ± 0.083), "
+    "+ zero-padding 0.291 ± 0.025 (was 0.277 ± 0.058); the rank-2 model they hand down: 0.267 and 0.283 (were 0.263 "
+    "and 0.225). HetLoRA with one rank scale: 0.266 ± 0.025 (was 0.295 ± 0.047), and its rank-2 model 0.268 ± 0.022 "
+    "(was 0.229 ± 0.019): the rank-2 model now means what the global one means, so it loses little.",
+    "Wall times: during most of the first 9 of the 15 runs the 2-core machine also ran test suites, so the wall / run column "
+    "is inflated and uneven (HAFL freezing + adaptive seeds 1 and 2 took 984-1060 s against 353 s for seed 0); the "
+    "last 6 runs (truncation + zero-padding, HetLoRA) ran alone at 226-239 s.",
+)
 
 SHARE_VARIANTS = {
     "FedIT (share A, B)": {"method": "fedit"},
@@ -112,6 +137,7 @@ STUDIES: dict[str, Study] = {
             ),
         ),
         extra_metrics=("lowrank_accuracy",),
+        notes=HAFL_NOTES,
         claims=(
             "HAFL converges faster than the truncation baseline",
             "HAFL needs less communication than the truncation baseline (about 49 % less in HAFLQ)",
@@ -137,7 +163,7 @@ STUDIES: dict[str, Study] = {
                     # evaluation is most of a CPU run here (10 personal models a round): 64/6 examples keep
                     # the whole study, 20NG included, inside 2 h on 2 cores (80/10 took about 121 min on a slower 2-core machine)
                     "cpu": {"rounds": 3, "local_steps": 2, "fraction": 0.5, "batch_size": 4, "max_seq_len": 192,
-                            "max_eval_examples": 64, "max_client_eval_examples": 6},
+                            "max_eval_examples": 64, "max_client_eval_examples": 6, **CPU_RUNTIME},
                     "gpu": {"rounds": 8, "local_steps": 10, "fraction": 1.0, "batch_size": 8, "max_seq_len": 256,
                             "max_eval_examples": 200, "max_client_eval_examples": 50, **GPU_RUNTIME},
                 },  # fmt: skip
@@ -159,7 +185,7 @@ STUDIES: dict[str, Study] = {
                 "configs/smollm2-arc-e-fedit.yaml",
                 {
                     "cpu": {"clients": 5, "rounds": 2, "local_steps": 3, "batch_size": 4, "max_seq_len": 160,
-                            "max_train_examples": 2000, "max_eval_examples": 150, "eval_every": 2},
+                            "max_train_examples": 2000, "max_eval_examples": 150, "eval_every": 2, **CPU_RUNTIME},
                     "gpu": {"clients": 10, "rounds": 5, "local_steps": 10, "batch_size": 8, "max_seq_len": 256,
                             "max_eval_examples": 1000, "eval_every": 1, **GPU_RUNTIME},
                 },  # fmt: skip
@@ -187,7 +213,7 @@ STUDIES: dict[str, Study] = {
             Setting(
                 name,
                 f"configs/init-experiment/{name}.yaml",
-                {"cpu": {}, "gpu": {"local_steps": 200, "max_seq_len": 128, "device": "cuda"}},
+                {"cpu": dict(CPU_RUNTIME), "gpu": {"local_steps": 200, "max_seq_len": 128, "device": "cuda"}},
                 {"independent LoRAs (local-only)": {}},
             )
             for name in ("diff-tasks-same-seed", "same-task-diff-seeds", "diff-tasks-diff-seeds", "same-task-same-seed")

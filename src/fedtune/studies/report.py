@@ -125,7 +125,7 @@ def write_report(
                 lines.append(f"![{path.stem}]({study.name}/{path.name})")
             lines.append("")
     if study.notes:
-        lines += ["## How the settings were chosen", ""] + [f"- {note}" for note in study.notes] + [""]
+        lines += ["## Notes", ""] + [f"- {note}" for note in study.notes] + [""]
     lines += ["## Claims under test", ""] + [f"- {claim}" for claim in study.claims] + [""]
     lines += ["What the tables above show for each claim is summarised in the project README (Results).", ""]
     report_dir.mkdir(parents=True, exist_ok=True)
