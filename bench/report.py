@@ -31,7 +31,7 @@ def write_performance_report(results: Path, target: Path) -> Path:
             f"(target ≤ 5 %, {'met' if r['passed'] else 'NOT met'}); {r['rounds']} rounds of `{r['job']}` on {r['machine']['cpus']} CPU cores.",
         )
     if r := _load(results, "training_throughput"):
-        lines += ["## Local training throughput", "", f"{r['job']}; best of alternating repeats in one run.", ""]
+        lines += ["## Local training throughput", "", f"{r['job']}; medians of interleaved repeats in one run, on the same batches.", ""]
         lines += ["| loop | examples/s | fedtune / this |", "|---|---|---|"]
         lines.append(f"| fedtune client turn (default: precision={r.get('fedtune_precision', 'fp32')}) | {r['simulator_examples_per_second']:.2f} | 1.00 |")
         lines.append(f"| bare peft + AdamW, fp32 | {r['plain_loop_examples_per_second']:.2f} | {r['ratio']:.2f} |")

@@ -3,6 +3,7 @@ FlowerTune-style client that loads the base model again for every round."""
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
@@ -10,25 +11,22 @@ import torch
 from common import DEMO, write
 
 
-def _plain_loop(examples: list, steps: int, batch_size: int, pad_id: int, lr: float, bf16: bool = False) -> float:
-    """What a user would write by hand: peft model, AdamW, the same batches, in fp32 or under
-    bf16 autocast. Seconds."""
+def _plain_loop(batches: list, lr: float, bf16: bool = False) -> float:
+    """What a user would write by hand: peft model, AdamW, over exactly the batches the client
+    turn trained on (lengths, hence padding and compute, are the same), in fp32 or under bf16
+    autocast. Seconds."""
     import contextlib
 
     from peft import LoraConfig, TaskType, get_peft_model
 
-    from fedtune.data.encode import collate
     from fedtune.models import load_model
 
     model = load_model("minilm", "classification", num_labels=20, seed=0).model
     model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, target_modules=["query", "value"]))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    generator = torch.Generator().manual_seed(0)
     model.train()
     start = time.perf_counter()
-    order = torch.randperm(len(examples), generator=generator).tolist()
-    for step in range(steps):
-        batch = collate([examples[i] for i in order[step * batch_size : (step + 1) * batch_size]], pad_id)
+    for batch in batches:
         with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
             loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
         loss.backward()
@@ -38,9 +36,10 @@ def _plain_loop(examples: list, steps: int, batch_size: int, pad_id: int, lr: fl
     return time.perf_counter() - start
 
 
-def bench_throughput(out: Path, steps: int = 20, repeats: int = 3) -> None:
+def bench_throughput(out: Path, steps: int = 20, repeats: int = 6) -> None:
     from fedtune.config import load_config
-    from fedtune.runtime.engine import build_federation, client_turn
+    from fedtune.runtime.engine import build_federation, client_turn, derive_seed
+    from fedtune.runtime.local_training import batches
     from fedtune.runtime.server import FederatedServer
 
     config = load_config(DEMO, [f"local_steps={steps}", "progress=false", "method=fedit"])  # precision: the default
@@ -49,16 +48,28 @@ def bench_throughput(out: Path, steps: int = 20, repeats: int = 3) -> None:
     client = max(range(config.clients), key=lambda k: fed.data.clients[k].num_examples)
     examples = fed.data.clients[client].train
     sim_times, plain_times, bf16_times = [], [], []
-    for repeat in range(repeats):  # alternate, so all three see the same machine state
+    def turn(repeat: int, _: list) -> float:
         received, _ = server.payload(client)
         start = time.perf_counter()
         client_turn(fed, client, repeat + 1, received, {})
-        sim_times.append(time.perf_counter() - start)
-        plain_times.append(_plain_loop(examples, steps, config.batch_size, fed.pad_id, config.lr))
-        bf16_times.append(_plain_loop(examples, steps, config.batch_size, fed.pad_id, config.lr, bf16=True))
-    sim_rate = steps * config.batch_size / min(sim_times)
-    plain_rate = steps * config.batch_size / min(plain_times)
-    bf16_rate = steps * config.batch_size / min(bf16_times)
+        return time.perf_counter() - start
+
+    loops = {
+        "fedtune": (turn, sim_times),
+        "fp32": (lambda repeat, same: _plain_loop(same, config.lr), plain_times),
+        "bf16": (lambda repeat, same: _plain_loop(same, config.lr, bf16=True), bf16_times),
+    }
+    order = list(loops)
+    for repeat in range(repeats):  # interleaved, the order rotating: the machine's drift hits all three alike
+        # the batches the turn draws (client_turn seeds its batch order from (seed, round, client))
+        generator = torch.Generator().manual_seed(derive_seed(config.seed, repeat + 1, client))
+        same = list(batches(examples, config.batch_size, steps, generator, fed.pad_id))
+        for name in order[repeat % 3 :] + order[: repeat % 3]:
+            run, times = loops[name]
+            times.append(run(repeat, same))
+    sim_rate = steps * config.batch_size / statistics.median(sim_times)
+    plain_rate = steps * config.batch_size / statistics.median(plain_times)
+    bf16_rate = steps * config.batch_size / statistics.median(bf16_times)
     write(
         out,
         "training_throughput",
@@ -66,7 +77,7 @@ def bench_throughput(out: Path, steps: int = 20, repeats: int = 3) -> None:
             "job": f"MiniLM + LoRA r=8 (query, value), batch {config.batch_size} x <= {config.max_seq_len} tokens, {steps} steps",
             "definition": "examples/s of a whole client turn (state in, optimizer, training, state out) at fedtune's "
             "default precision vs a hand-written peft + AdamW loop over the same batches, in fp32 and under bf16 "
-            "autocast; best of alternating repeats",
+            "autocast; medians of interleaved repeats (order rotating), each on the same batches",
             "fedtune_precision": fed.precision,
             "simulator_examples_per_second": sim_rate,
             "plain_loop_examples_per_second": plain_rate,

@@ -1,4 +1,5 @@
-"""The study runner: grid of variants x seeds, resumable, CSV + Markdown report + plots."""
+"""Built-in studies (comparison files in configs/studies/): grid of variants x seeds, resumable,
+CSV + Markdown report + plots. The studies here are tiny files in a temporary study folder."""
 
 from __future__ import annotations
 
@@ -8,30 +9,36 @@ from pathlib import Path
 import pytest
 from conftest import write_classification_jsonl
 
+import yaml
+
 from fedtune.cli import main
-from fedtune.studies import definitions
-from fedtune.studies.definitions import Setting, Study
+from fedtune.studies import comparison
+
+
+def write_study(folder: Path, base: Path, variants: dict, notes: tuple = (), extra_settings: dict | None = None) -> Path:
+    settings = {"tiny-setting": {"base": str(base), "sizes": {"cpu": {"lr": 0.01}, "gpu": {}}}, **(extra_settings or {})}
+    doc = {"question": "Does the runner work?", "variants": variants, "settings": settings, "claims": ["the runner runs"], "notes": list(notes)}
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
 
 
 @pytest.fixture
-def tiny_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Study:
+def tiny_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A built-in study named ``tiny``: its file in a study folder the command reads."""
     dataset = write_classification_jsonl(tmp_path / "cls.jsonl")
     base = tmp_path / "base.yaml"
     base.write_text(
         f"model: tiny-bert\ndataset: {dataset}\nclients: 4\nrounds: 2\nlocal_steps: 2\nbatch_size: 4\n"
-        "max_seq_len: 32\npartition: iid\nlora: {r: 4}\nthreads: 1\ndevice: cpu\n"
+        "max_seq_len: 32\npartition: iid\nlora: {r: 4}\nthreads: 1\ndevice: cpu\nprecision: fp32\n"
     )
-    study = Study(
-        "tiny",
-        "Does the runner work?",
-        (Setting("tiny-setting", str(base), {"cpu": {"lr": 0.01}, "gpu": {}}, {"FedIT": {"method": "fedit"}, "Fed-ALoRA": {"method": "fed-alora"}}),),
-        claims=("the runner runs",),
-    )
-    monkeypatch.setitem(definitions.STUDIES, "tiny", study)
-    return study
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    monkeypatch.setattr(comparison, "STUDY_DIR", folder)
+    return write_study(folder, base, {"FedIT": {"method": "fedit"}, "Fed-ALoRA": {"method": "fed-alora"}})
 
 
-def test_study_grid_report_and_resume(tiny_study: Study, tmp_path: Path, capsys) -> None:
+def test_study_grid_report_and_resume(tiny_study: Path, tmp_path: Path, capsys) -> None:
     out, report = tmp_path / "study", tmp_path / "docs"
     args = ["study", "tiny", "--out", str(out), "--seeds", "0", "1", "--report", str(report)]
     assert main(args) == 0
@@ -41,7 +48,7 @@ def test_study_grid_report_and_resume(tiny_study: Study, tmp_path: Path, capsys)
     assert all(0.0 <= float(r["final"]) <= 1.0 for r in rows)
     text = (report / "tiny.md").read_text()
     assert "| FedIT | " in text and "| Fed-ALoRA | " in text and "± " in text and "Report written on:" in text
-    assert "Runs' device (from their summaries): cpu." in text
+    assert "Runs' device and precision (from their summaries): cpu, fp32." in text
     assert (report / "tiny" / "tiny-setting_accuracy_vs_round.png").exists()
     assert (report / "tiny" / "tiny-setting_accuracy_vs_uplink.png").exists()
     summary = out / "tiny-setting" / "fedit" / "seed0" / "summary.json"
@@ -50,19 +57,14 @@ def test_study_grid_report_and_resume(tiny_study: Study, tmp_path: Path, capsys)
     assert summary.stat().st_mtime_ns == stamp
 
 
-def test_resume_reruns_a_run_whose_definition_changed(tiny_study: Study, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    import dataclasses
-
-    import yaml
-
+def test_resume_reruns_a_run_whose_definition_changed(tiny_study: Path, tmp_path: Path, capsys) -> None:
     out, report = tmp_path / "study", tmp_path / "docs"
     args = ["study", "tiny", "--out", str(out), "--seeds", "0", "--report", str(report)]
     assert main(args) == 0
     fedit, alora = (out / "tiny-setting" / name / "seed0" for name in ("fedit", "fed-alora"))
     alora_stamp = (alora / "summary.json").stat().st_mtime_ns
-    setting = dataclasses.replace(tiny_study.settings[0], variants={"FedIT": {"method": "fedit", "lr": 0.05}, "Fed-ALoRA": {"method": "fed-alora"}})
-    changed = dataclasses.replace(tiny_study, settings=(setting,), notes=("lr chosen by a sweep",))
-    monkeypatch.setitem(definitions.STUDIES, "tiny", changed)
+    base = Path(yaml.safe_load(tiny_study.read_text())["settings"]["tiny-setting"]["base"])
+    write_study(tiny_study.parent, base, {"FedIT": {"method": "fedit", "lr": 0.05}, "Fed-ALoRA": {"method": "fed-alora"}}, ("lr chosen by a sweep",))
     assert main(args) == 0
     assert yaml.safe_load((fedit / "config.yaml").read_text())["lr"] == 0.05  # the stale lr=0.01 run was replaced
     assert (alora / "summary.json").stat().st_mtime_ns == alora_stamp  # the unchanged one was reused
@@ -70,7 +72,7 @@ def test_resume_reruns_a_run_whose_definition_changed(tiny_study: Study, tmp_pat
     assert "- lr chosen by a sweep" in (report / "tiny.md").read_text()
 
 
-def test_parallel_jobs_give_the_rows_of_a_sequential_study(tiny_study: Study, tmp_path: Path, capsys) -> None:
+def test_parallel_jobs_give_the_rows_of_a_sequential_study(tiny_study: Path, tmp_path: Path, capsys) -> None:
     def rows(name: str, jobs: str) -> list[dict[str, str]]:
         args = ["study", "tiny", "--out", str(tmp_path / name), "--seeds", "0", "1", "--jobs", jobs, "--report", str(tmp_path / name / "docs")]
         assert main(args) == 0
@@ -84,7 +86,7 @@ def test_parallel_jobs_give_the_rows_of_a_sequential_study(tiny_study: Study, tm
     assert float(parallel[0]["train_tokens_per_second"]) > 0
 
 
-def test_finished_only_reports_what_is_done_and_runs_nothing(tiny_study: Study, tmp_path: Path, capsys) -> None:
+def test_finished_only_reports_what_is_done_and_runs_nothing(tiny_study: Path, tmp_path: Path, capsys) -> None:
     out, report = tmp_path / "study", tmp_path / "docs"
     assert main(["study", "tiny", "--out", str(out), "--seeds", "0", "--report", str(report)]) == 0
     args = ["study", "tiny", "--out", str(out), "--seeds", "0", "1", "--finished-only", "--report", str(report)]
@@ -97,13 +99,13 @@ def test_finished_only_reports_what_is_done_and_runs_nothing(tiny_study: Study, 
     assert "| variant | runs | final accuracy |" in text and "| FedIT | 1 | " in text
 
 
-def test_finished_only_with_nothing_finished_is_a_usage_error(tiny_study: Study, tmp_path: Path, capsys) -> None:
+def test_finished_only_with_nothing_finished_is_a_usage_error(tiny_study: Path, tmp_path: Path, capsys) -> None:
     assert main(["study", "tiny", "--out", str(tmp_path / "s"), "--finished-only", "--report", str(tmp_path / "docs")]) == 2
-    assert "no finished runs of study tiny" in capsys.readouterr().err
+    assert "no finished runs of tiny" in capsys.readouterr().err
     assert not (tmp_path / "docs").exists()
 
 
-def test_jobs_below_one_is_a_usage_error(tiny_study: Study, tmp_path: Path, capsys) -> None:
+def test_jobs_below_one_is_a_usage_error(tiny_study: Path, tmp_path: Path, capsys) -> None:
     assert main(["study", "tiny", "--out", str(tmp_path / "s"), "--jobs", "0"]) == 2
     assert "--jobs must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
@@ -114,36 +116,36 @@ def test_unknown_study_is_a_usage_error(capsys) -> None:
     assert "invalid choice" in capsys.readouterr().err
 
 
-def test_shipped_studies_resolve(tmp_path: Path) -> None:
-    from fedtune.config import load_config
-    from fedtune.studies.runner import ROOT, _overrides
+def test_shipped_studies_resolve() -> None:
+    """Every built-in study file validates at both sizes (every variant's config builds)."""
+    from fedtune.studies.comparison import validate
+    from fedtune.studies.definitions import studies
 
-    for study in definitions.STUDIES.values():
-        for setting in study.settings:
-            for size in ("cpu", "gpu"):
-                for variant in setting.variants.values():
-                    config = load_config(ROOT / setting.base, _overrides({**setting.overrides[size], **variant, "seed": 0}))
-                    assert config.seed == 0
+    shipped = studies()
+    assert sorted(shipped) == ["beyond-lora", "hafl-20ng", "init-similarity", "share-which"]
+    for study in shipped.values():
+        assert study.claims
+        for size in ("cpu", "gpu"):
+            validate(study, size, [])
 
 
-def test_settings_filter_runs_only_the_named_setting(tiny_study: Study, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    import dataclasses
-
-    second = dataclasses.replace(tiny_study.settings[0], name="other-setting", variants={"FedIT": {"method": "fedit"}})
-    monkeypatch.setitem(definitions.STUDIES, "tiny", dataclasses.replace(tiny_study, settings=(tiny_study.settings[0], second)))
+def test_settings_filter_runs_only_the_named_setting(tiny_study: Path, tmp_path: Path, capsys) -> None:
+    base = yaml.safe_load(tiny_study.read_text())["settings"]["tiny-setting"]["base"]
+    other = {"other-setting": {"base": base, "sizes": {"cpu": {"lr": 0.01}, "gpu": {}}, "variants": {"FedIT": {"method": "fedit"}}}}
+    write_study(tiny_study.parent, Path(base), {"FedIT": {"method": "fedit"}, "Fed-ALoRA": {"method": "fed-alora"}}, extra_settings=other)
     out, report = tmp_path / "study", tmp_path / "docs"
     assert main(["study", "tiny", "--out", str(out), "--seeds", "0", "--settings", "other-setting", "--report", str(report)]) == 0
     assert (out / "other-setting" / "fedit" / "seed0" / "summary.json").exists()
     assert not (out / "tiny-setting").exists()
     text = (report / "tiny.md").read_text()
-    assert "## other-setting" in text and "## tiny-setting" not in text and "tiny-setting of this study were not run" in text
+    assert "## other-setting" in text and "## tiny-setting" not in text and "the settings tiny-setting were not run" in text
     capsys.readouterr()
     assert main(["study", "tiny", "--out", str(out), "--settings", "nope"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "has no setting 'nope'" in err
 
 
-def test_round_plots_tick_whole_rounds(tiny_study: Study, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_round_plots_tick_whole_rounds(tiny_study: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Rounds are whole numbers: neither a run's plots nor a study's may tick them at 1.2, 1.4, ..."""
     from matplotlib.figure import Figure
 

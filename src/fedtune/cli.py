@@ -231,10 +231,24 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*")
 
 
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """argparse, except that key=value overrides may also come after the options
+    (``fedtune compare FILE --out DIR rounds=2``), where plain argparse refuses them."""
+    args, rest = parser.parse_known_args(argv)
+    target = next((name for name in ("items", "overrides") if isinstance(getattr(args, name, None), list)), None)
+    stray = [item for item in rest if item.startswith("-") or "=" not in item or target is None]
+    if stray:
+        raise UsageError(f"{parser.prog}: unrecognized arguments: {' '.join(stray)}")
+    if target is not None:
+        getattr(args, target).extend(rest)
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     quiet_libraries()
     try:
-        args = build_parser().parse_args(argv)
+        args = parse(build_parser(), argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # for reports that say how to reproduce them
         func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
     except UsageError as err:

@@ -65,6 +65,27 @@ def line_plot(
     return path
 
 
+def scatter_plot(
+    points: dict[str, tuple[float, float]], xlabel: str, ylabel: str, path: Path, highlight: frozenset[str] = frozenset()
+) -> Path:
+    """One labelled point per variant; ``highlight`` ones (the Pareto front) drawn filled."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, (x, y) in points.items():
+        front = label in highlight
+        ax.scatter([x], [y], s=50, marker="o", facecolors="C0" if front else "none", edgecolors="C0")
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    ax.set_xlabel(xlabel + ("  (filled: not beaten on both)" if highlight else ""))
+    ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(5))
+    ax.ticklabel_format(axis="both", useOffset=False, style="plain")
+    ax.margins(x=0.35, y=0.15)  # room for the labels right of the points
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    savefig(fig, path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_run(rows: Sequence[dict[str, Any]], out_dir: Path, primary: str, title: str = "") -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [

@@ -1,10 +1,13 @@
-"""Studies: several methods x seeds on one task, a CSV of every run and a Markdown report.
+"""Comparisons and studies: several methods x seeds on one or more settings, a CSV of every
+run and a Markdown report with paired statistics.
 
-    definitions.py  the studies (settings, variants, budgets) and the claims they test
+    definitions.py  what a comparison is (settings, variants, sizes, reference, claims)
+    comparison.py   comparison files (YAML): schema, validation, the built-in studies' files
     runner.py       runs the grid (resumable) and collects one row per run
-    report.py       mean +- std tables, plots over seeds, hardware and wall time
+    report.py       tables, paired differences with 95 % intervals, plots, Pareto view
+    command.py      ``fedtune compare`` and ``fedtune study``
 """
 
-from fedtune.studies.definitions import STUDIES, Setting, Study
+from fedtune.studies.definitions import Setting, Study, studies
 
-__all__ = ["STUDIES", "Setting", "Study"]
+__all__ = ["Setting", "Study", "studies"]

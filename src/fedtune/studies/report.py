@@ -1,22 +1,27 @@
-"""A study's Markdown report: mean +- std tables per setting, and plots across seeds."""
+"""A comparison's Markdown report: per setting, a mean +- std table per variant, paired
+differences against the reference with 95 % intervals and a verdict, plots across seeds,
+and the Pareto view (metric against uplink bytes and against client memory)."""
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import scipy.stats
 import torch
 
 from fedtune.atomic import write_text
-from fedtune.plots import line_plot
+from fedtune.plots import line_plot, scatter_plot
 from fedtune.rundir import read_metrics
 from fedtune.studies.definitions import Study
-from fedtune.studies.runner import RUNTIME_COLUMNS
+from fedtune.studies.runner import RUNTIME_COLUMNS, lower_is_better
 
 
 def mean_std(values: Sequence[float | None]) -> tuple[float, float, int]:
@@ -70,65 +75,171 @@ def _extra_cell(values: list[Any], column: str) -> str:
     return fmt(values)
 
 
+# -- paired differences against the reference variant --------------------------------------------
+@dataclass(frozen=True)
+class Paired:
+    """variant - reference on the same seeds: mean, 95 % t interval, and what it says."""
+
+    seeds: int
+    mean: float
+    low: float
+    high: float
+    verdict: str
+
+
+def paired_difference(variant: dict[int, float], reference: dict[int, float], lower_better: bool) -> Paired | None:
+    """Seed by seed (a seed fixes data split, init and sampling for both, so the seed-to-seed
+    spread cancels); Student's t interval with n - 1 degrees of freedom."""
+    seeds = sorted(set(variant) & set(reference))
+    if not seeds:
+        return None
+    diffs = [variant[s] - reference[s] for s in seeds]
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return Paired(1, mean, math.nan, math.nan, "one seed: no interval")
+    half = scipy.stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    low, high = mean - half, mean + half
+    if low > 0 or high < 0:
+        verdict = "worse" if (low > 0) == lower_better else "better"
+    else:
+        verdict = f"not distinguishable at {len(diffs)} seeds"
+    return Paired(len(diffs), mean, low, high, verdict)
+
+
+def _paired_lines(setting_rows: list[dict[str, Any]], variants: Sequence[str], reference: str, metric: str) -> list[str]:
+    by_variant: dict[str, dict[int, float]] = defaultdict(dict)
+    for row in setting_rows:
+        if row["final"] is not None and row["final"] == row["final"]:
+            by_variant[row["variant"]][int(row["seed"])] = float(row["final"])
+    if reference not in by_variant:
+        return [f"No finished run of the reference `{reference}`: no paired differences.", ""]
+    lower = lower_is_better(metric)
+    lines = [
+        f"### Paired differences against `{reference}`",
+        "",
+        f"Final {metric} of each variant minus the reference's, on the same seed; mean and 95 % t interval over seeds "
+        f"({'lower' if lower else 'higher'} {metric} is better).",
+        "",
+        "| variant | seeds | difference | 95 % interval | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for variant in variants:
+        if variant == reference or variant not in by_variant:
+            continue
+        paired = paired_difference(by_variant[variant], by_variant[reference], lower)
+        if paired is None:
+            lines.append(f"| {variant} | 0 | – | – | no seed in common with the reference |")
+            continue
+        interval = "–" if math.isnan(paired.low) else f"[{paired.low:+.4f}, {paired.high:+.4f}]"
+        lines.append(f"| {variant} | {paired.seeds} | {paired.mean:+.4f} | {interval} | {paired.verdict} |")
+    return [*lines, ""]
+
+
+# -- the Pareto view --------------------------------------------------------------------------------
+def pareto_front(points: dict[str, tuple[float, float]], lower_better: bool) -> frozenset[str]:
+    """Variants no other variant beats on both: metric (first) and cost (second, lower is better)."""
+
+    def at_least_as_good(a: tuple[float, float], b: tuple[float, float]) -> bool:
+        metric_ok = a[0] <= b[0] if lower_better else a[0] >= b[0]
+        return metric_ok and a[1] <= b[1]
+
+    return frozenset(
+        name for name, p in points.items() if not any(o != p and at_least_as_good(o, p) for other, o in points.items() if other != name)
+    )
+
+
+def _pareto_lines(setting_rows: list[dict[str, Any]], metric: str, figures: Path, link: str, prefix: str) -> list[str]:
+    lines = ["### Pareto view", ""]
+    lower = lower_is_better(metric)
+    for column, label, scale in (("total_bytes_up", "uplink per run (MiB)", 2**-20), ("client_train_state_bytes", "client training memory (MiB)", 2**-20)):
+        points: dict[str, tuple[float, float]] = {}
+        for variant in dict.fromkeys(r["variant"] for r in setting_rows):
+            vr = [r for r in setting_rows if r["variant"] == variant and r["final"] is not None and r["final"] == r["final"]]
+            if vr and all(r.get(column) for r in vr):
+                points[variant] = (statistics.fmean(float(r["final"]) for r in vr), statistics.fmean(float(r[column]) for r in vr) * scale)
+        if len(points) < 2:
+            continue
+        front = pareto_front(points, lower)
+        path = scatter_plot({k: (c, m) for k, (m, c) in points.items()}, label, f"final {metric} (mean over seeds)", figures / f"{prefix}_{metric}_vs_{column}.png", front)
+        lines += [f"Not beaten on both final {metric} and {label.split(' (')[0]}: {', '.join(f'`{v}`' for v in points if v in front)}.", "", f"![{path.stem}]({link}/{path.name})", ""]
+    return lines if len(lines) > 2 else []
+
+
+# -- the report -------------------------------------------------------------------------------------
 def write_report(
     study: Study,
     rows: list[dict[str, Any]],
-    report_dir: Path,
+    path: Path,
     size: str,
     seeds: list[int],
     wall_seconds: float,
     command: str,
     skipped: Sequence[str] = (),
     missing: Sequence[str] = (),
+    figures: Path | None = None,
 ) -> Path:
-    figures = report_dir / study.name
+    """The Markdown report at ``path``, its plots in ``figures`` (default: beside it, in a folder
+    named like the report)."""
+    figures = figures or path.parent / path.stem
+    link = os.path.relpath(figures, path.parent)
+    precisions = sorted({str(r.get("precision", "fp32")) for r in rows})
     lines = [
-        f"# Study `{study.name}`",
+        f"# `{study.name}`",
         "",
-        study.question,
-        "",
-        f"- Size: **{size}** ({'about 2 h on 2 CPU cores' if size == 'cpu' else 'GPU budget'}); seeds {seeds}.",
+        *([study.question, ""] if study.question else []),
+        f"- Size: **{size}**; seeds {seeds}.",
         f"- Report written on: {hardware()}.",
-        f"- Runs' device (from their summaries): {', '.join(sorted({str(r.get('device')) for r in rows}))}.",
+        f"- Runs' device and precision (from their summaries): {', '.join(sorted({str(r.get('device')) for r in rows}))}, {', '.join(precisions)}.",
         f"- Wall time of the runs: {wall_seconds / 60:.1f} min, summed over runs (runs reused from an earlier invocation count their own time; runs made with `--jobs` overlap).",
-        f"- Reproduce: `{command}`; every run directory is listed in `{study.name}.csv`.",
+        f"- Reproduce: `{command}`; every run directory is listed in `{path.with_suffix('.csv').name}`.",
         "",
     ]
     if skipped:
-        lines += [f"**Partial report**: the settings {', '.join(skipped)} of this study were not run for it.", ""]
+        lines += [f"**Partial report**: the settings {', '.join(skipped)} were not run for it.", ""]
     if missing:
         lines += [f"**Partial report**: {len(rows)} of {len(rows) + len(missing)} runs finished; not finished: {'; '.join(missing)}.", ""]
+    reference = study.reference or next(iter(study.settings[0].variants))
     for setting in study.settings:
         setting_rows = [r for r in rows if r["setting"] == setting.name]
         if not setting_rows:
             continue
         metric = setting_rows[0]["primary_metric"]
-        extra_columns = [k for k in (*study.extra_metrics, *RUNTIME_COLUMNS) if any(r.get(k) is not None for r in setting_rows)]
-        final_columns = sorted({k for r in setting_rows for k in r if k.startswith("final_") and k != f"final_{metric}"})
-        similarity = [k for k in ("similarity_A", "similarity_B", "similarity_dW") if any(r.get(k) is not None for r in setting_rows)]
-        header = ["variant", *(["runs"] if missing else []), f"final {metric}", f"best {metric}", *[c.removeprefix("final_") for c in final_columns], *extra_columns, *similarity, "uplink / run (MiB)", "wall / run (s)"]
-        lines += [f"## {setting.name}", "", f"Base config `{setting.base}` with the `{size}` overrides {setting.overrides[size]}.", ""]
-        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for variant in setting.variants:
-            vr = [r for r in setting_rows if r["variant"] == variant]
-            if not vr:
-                continue
-            cells = [variant, *([str(len(vr))] if missing else []), fmt([r["final"] for r in vr]), fmt([r["best"] for r in vr])]
-            cells += [fmt([r.get(c) for r in vr]) for c in final_columns]
-            cells += [_extra_cell([r.get(c) for r in vr], c) for c in extra_columns]
-            cells += [fmt([r.get(c) for r in vr], digits=3) for c in similarity]
-            cells += [fmt([r["total_bytes_up"] for r in vr], 2**-20, 2), fmt([r["wall_seconds"] for r in vr], digits=0)]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += [f"## {setting.name}", "", f"Base config `{setting.base or 'inline'}` with the `{size}` overrides {setting.overrides[size]}.", ""]
+        lines += _variant_table(study, setting, setting_rows, metric, bool(missing))
+        if len(setting.variants) > 1:
+            lines += _paired_lines(setting_rows, list(setting.variants), reference, metric)
         if not study.analyze:
-            for path in plot_setting(setting_rows, metric, figures, setting.name):
-                lines.append(f"![{path.stem}]({study.name}/{path.name})")
+            for plot in plot_setting(setting_rows, metric, figures, setting.name):
+                lines.append(f"![{plot.stem}]({link}/{plot.name})")
             lines.append("")
+            lines += _pareto_lines(setting_rows, metric, figures, link, setting.name)
     if study.notes:
         lines += ["## Notes", ""] + [f"- {note}" for note in study.notes] + [""]
-    lines += ["## Claims under test", ""] + [f"- {claim}" for claim in study.claims] + [""]
-    lines += ["What the tables above show for each claim is summarised in the project README (Results).", ""]
-    report_dir.mkdir(parents=True, exist_ok=True)
-    path = report_dir / f"{study.name}.md"
+    if study.claims:
+        lines += ["## Claims under test", ""] + [f"- {claim}" for claim in study.claims] + [""]
     write_text(path, "\n".join(lines))
     return path
+
+
+def _variant_table(study: Study, setting: Any, setting_rows: list[dict[str, Any]], metric: str, with_counts: bool) -> list[str]:
+    extra_columns = [k for k in (*study.extra_metrics, *RUNTIME_COLUMNS) if any(r.get(k) is not None for r in setting_rows) and k != "client_train_state_bytes"]
+    final_columns = sorted({k for r in setting_rows for k in r if k.startswith("final_") and k != f"final_{metric}" and r[k] is not None})
+    similarity = [k for k in ("similarity_A", "similarity_B", "similarity_dW") if any(r.get(k) is not None for r in setting_rows)]
+    header = [
+        "variant", *(["runs"] if with_counts else []), f"final {metric}", f"best {metric}",
+        *[c.removeprefix("final_") for c in final_columns], *extra_columns, *similarity,
+        "uplink / run (MiB)", "downlink / run (MiB)", "client training memory (MiB)", "wall / run (s)",
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for variant in setting.variants:
+        vr = [r for r in setting_rows if r["variant"] == variant]
+        if not vr:
+            continue
+        cells = [variant, *([str(len(vr))] if with_counts else []), fmt([r["final"] for r in vr]), fmt([r["best"] for r in vr])]
+        cells += [fmt([r.get(c) for r in vr]) for c in final_columns]
+        cells += [_extra_cell([r.get(c) for r in vr], c) for c in extra_columns]
+        cells += [fmt([r.get(c) for r in vr], digits=3) for c in similarity]
+        cells += [fmt([r["total_bytes_up"] for r in vr], 2**-20, 2), fmt([r["total_bytes_down"] for r in vr], 2**-20, 2)]
+        cells += [fmt([r.get("client_train_state_bytes") for r in vr], 2**-20, 1), fmt([r["wall_seconds"] for r in vr], digits=0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]

@@ -1,6 +1,6 @@
-"""Run a study's grid (settings x variants x seeds) and collect one CSV row per run.
+"""Run a comparison's grid (settings x variants x seeds) and collect one CSV row per run.
 
-Runs go to ``OUT/<setting>/<variant>/seed<k>/`` (ordinary run directories). A run whose
+Runs go to ``RUNS/<setting>/<variant>/seed<k>/`` (ordinary run directories). A run whose
 ``summary.json`` exists is reused, so an interrupted study continues where it stopped,
 but only when its stored config is the one the study asks for now: a run left from an
 earlier definition (another learning rate, say) is run again rather than reported.
@@ -34,9 +34,8 @@ from fedtune.errors import UsageError
 from fedtune.rundir import RunDir, read_metrics
 from fedtune.runtime.engine import build_federation
 from fedtune.runtime.simulator import Simulator
-from fedtune.studies.definitions import STUDIES, Study
+from fedtune.studies.definitions import Study
 
-ROOT = Path(__file__).resolve().parents[3]
 
 
 def slug(label: str) -> str:
@@ -44,16 +43,21 @@ def slug(label: str) -> str:
 
 
 def study_named(name: str) -> Study:
+    from fedtune.studies.definitions import studies
+
+    known = studies()
     try:
-        return STUDIES[name]
+        return known[name]
     except KeyError:
-        raise UsageError(f"unknown study {name!r}; studies: {', '.join(STUDIES)}") from None
+        raise UsageError(f"unknown study {name!r}; studies: {', '.join(known)}") from None
 
 
-def _overrides(values: dict[str, object]) -> list[str]:
+def override_list(values: dict[str, object]) -> list[str]:
+    """``{"lr": 0.01, "ranks": {4: 0.5}}`` -> ``["lr=0.01", "ranks={4: 0.5}"]``, each value
+    written as YAML so that it reads back as exactly the same value (``"yes"`` stays a string)."""
     out = []
     for key, value in values.items():
-        text = "null" if value is None else ("true" if value is True else "false" if value is False else str(value))
+        text = yaml.safe_dump(value, default_flow_style=True, width=10**9).strip().removesuffix("...").strip()
         out.append(f"{key}={text}")
     return out
 
@@ -72,12 +76,12 @@ def reusable(out: Path, config_text: str) -> bool:
     return then == RunConfig.model_validate(yaml.safe_load(config_text)).model_dump(mode="json")
 
 
-def run_one(base: Path, overrides: list[str], out: Path) -> dict[str, Any]:
+def run_one(base: Path | None, overrides: list[str], out: Path) -> dict[str, Any]:
     config = load_config(base, overrides)
     if reusable(out, dump_config(config)):
         return json.loads((out / "summary.json").read_text())
     if (out / "summary.json").exists():
-        tqdm.write(f"{out}: its config differs from the study's now; running it again", file=sys.stderr)
+        tqdm.write(f"{out}: its config differs from the comparison's now; running it again", file=sys.stderr)
     simulator = Simulator(build_federation(config), RunDir.create(out, overwrite=True))
     summary = simulator.run()
     del simulator
@@ -110,42 +114,46 @@ def _limit_threads(threads: int) -> None:
     quiet_libraries()
 
 
-def _run_in_worker(job: tuple[Path, list[str], Path]) -> dict[str, Any]:
+def _run_in_worker(job: tuple[Path | None, list[str], Path]) -> dict[str, Any]:
     return run_one(*job)
 
 
-def _grid(study: Study, out: Path, size: str, seeds: list[int]) -> list[tuple[tuple[Any, str, int], tuple[Path, list[str], Path]]]:
-    """((setting, variant label, seed), (base config, overrides, run directory)) for every run."""
-    grid = []
+Spec = tuple[Path | None, list[str], Path]  # (base config, overrides, run directory)
+
+
+def grid(study: Study, runs: Path, size: str, seeds: list[int], extra: list[str] = ()) -> list[tuple[tuple[Any, str, int], Spec]]:
+    """((setting, variant label, seed), (base config, overrides, run directory)) for every run.
+    ``extra`` (the command line's key=value) applies over everything else."""
+    out = []
     for setting in study.settings:
         for label, variant in setting.variants.items():
             for seed in seeds:
-                overrides = _overrides({**setting.overrides[size], **variant, "seed": seed, "progress": False})
-                grid.append(((setting, label, seed), (ROOT / setting.base, overrides, out / setting.name / slug(label) / f"seed{seed}")))
-    return grid
+                overrides = override_list({**setting.overrides[size], **variant, "seed": seed, "progress": False}) + list(extra)
+                out.append(((setting, label, seed), (setting.base_path, overrides, runs / setting.name / slug(label) / f"seed{seed}")))
+    return out
 
 
-def _finished(spec: tuple[Path, list[str], Path]) -> bool:
+def _finished(spec: Spec) -> bool:
     base, overrides, run_dir = spec
     return reusable(run_dir, dump_config(load_config(base, overrides)))
 
 
-def unfinished_runs(study: Study, out: Path, size: str, seeds: list[int]) -> list[str]:
+def unfinished_runs(study: Study, runs: Path, size: str, seeds: list[int], extra: list[str] = ()) -> list[str]:
     """'setting / variant / seed k' of every run of the grid not finished with its current config."""
-    return [f"{s.name} / {label} / seed {seed}" for (s, label, seed), spec in _grid(study, out, size, seeds) if not _finished(spec)]
+    return [f"{s.name} / {label} / seed {seed}" for (s, label, seed), spec in grid(study, runs, size, seeds, extra) if not _finished(spec)]
 
 
 def run_study(
-    study: Study, out: Path, size: str, seeds: list[int], jobs: int = 1, finished_only: bool = False
+    study: Study, runs: Path, size: str, seeds: list[int], jobs: int = 1, finished_only: bool = False, extra: list[str] = ()
 ) -> list[dict[str, Any]]:
     """Run (or reuse) every run of the grid; ``finished_only`` runs nothing and collects the finished ones."""
-    grid = _grid(study, out, size, seeds)
+    todo = grid(study, runs, size, seeds, extra)
     if finished_only:
-        grid = [(key, spec) for key, spec in grid if _finished(spec)]
-        if not grid:
+        todo = [(key, spec) for key, spec in todo if _finished(spec)]
+        if not todo:
             return []
-    specs = [spec for _, spec in grid]
-    bar = tqdm(total=len(specs), desc=f"study {study.name}")
+    specs = [spec for _, spec in todo]
+    bar = tqdm(total=len(specs), desc=f"{study.name} runs")
     if jobs > 1:
         # spawn, not fork: a forked child of a process that touched CUDA cannot use it
         context = multiprocessing.get_context("spawn")
@@ -161,37 +169,42 @@ def run_study(
             summaries.append(run_one(*spec))
             bar.update(1)
     bar.close()
-    rows = [_row(study, setting, label, seed, spec[2], summary) for ((setting, label, seed), spec), summary in zip(grid, summaries)]
-    if rows:
-        write_csv(rows, out / "results.csv")
-    return rows
+    return [_row(study, setting, label, seed, spec[2], summary) for ((setting, label, seed), spec), summary in zip(todo, summaries)]
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric.removeprefix("personal_").removeprefix("lowrank_") in ("loss", "perplexity")
 
 
 def _row(study: Study, setting: Any, label: str, seed: int, run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    history = read_metrics(run_dir)
+    metric = study.metric or summary["primary_metric"]
+    evaluated = [r[metric] for r in history if r.get(metric) is not None]
     row: dict[str, Any] = {
         "setting": setting.name,
         "variant": label,
         "seed": seed,
         "method": summary["method"],
         "run_dir": str(run_dir),
-        "primary_metric": summary["primary_metric"],
-        "final": summary["final"].get(summary["primary_metric"]),
-        "best": summary["best"].get(summary["primary_metric"]),
+        "primary_metric": metric,
+        "final": evaluated[-1] if evaluated else None,
+        "best": (min if lower_is_better(metric) else max)(evaluated) if evaluated else None,
         "total_bytes_up": summary["total_bytes_up"],
         "total_bytes_down": summary["total_bytes_down"],
+        "client_train_state_bytes": max((int(r.get("client_train_state_bytes", 0)) for r in history), default=0),
         "wall_seconds": summary["wall_seconds"],
         "trainable_params": summary["trainable_params"],
         "device": summary.get("accelerator") or summary.get("device"),
+        "precision": summary.get("precision", "fp32"),
     }
     for key, value in summary["final"].items():
         row[f"final_{key}"] = value
     for key in RUNTIME_COLUMNS:
         if summary.get(key) is not None:
             row[key] = summary[key]
-    history = read_metrics(run_dir)
-    for metric in study.extra_metrics:
-        values = [r[metric] for r in history if metric in r]
-        row[metric] = max(values) if metric.endswith("_bytes") else (values[-1] if values else None)
+    for extra in study.extra_metrics:
+        values = [r[extra] for r in history if extra in r]
+        row[extra] = max(values) if extra.endswith("_bytes") else (values[-1] if values else None)
     if study.analyze:
         row.update(similarity_means(run_dir))
     return row
