@@ -31,9 +31,9 @@ from common import ROOT  # noqa: E402
 from communication_bench import bench_bytes  # noqa: E402
 from flower_bench import bench_flower  # noqa: E402
 from gpu_bench import bench_gpu  # noqa: E402
+from precision_bench import bench_precision  # noqa: E402
 from report import write_performance_report  # noqa: E402
 from simulator_bench import bench_memory, bench_overhead, memory_child  # noqa: E402
-from precision_bench import bench_precision  # noqa: E402
 from training_bench import bench_reload, bench_throughput  # noqa: E402
 
 

@@ -9,9 +9,10 @@ import datasets
 import pytest
 from conftest import requires_shared_data, shared_data_dir
 
+from fedtune.data.builtin.gsm8k import final_number
 from fedtune.data.encode import IGNORE_INDEX, collate, encode_generation, encode_scored
 from fedtune.data.partition import partition
-from fedtune.data.sources import FieldMap, final_number, load_task
+from fedtune.data.sources import FieldMap, load_task
 from fedtune.errors import UsageError
 from fedtune.models.loading import load_model
 

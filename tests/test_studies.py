@@ -7,9 +7,8 @@ import csv
 from pathlib import Path
 
 import pytest
-from conftest import write_classification_jsonl
-
 import yaml
+from conftest import write_classification_jsonl
 
 from fedtune.cli import main
 from fedtune.studies import comparison

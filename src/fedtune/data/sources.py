@@ -64,8 +64,18 @@ class BuiltinDataset:
     local_files: tuple[str, ...] = field(default_factory=tuple)
 
 
+#: every built-in dataset by name; each family module in ``fedtune.data.builtin`` adds its own
+BUILTINS: dict[str, BuiltinDataset] = {}
+
+
+def register(name: str, dataset: BuiltinDataset) -> None:
+    if name in BUILTINS:
+        raise ValueError(f"built-in dataset {name!r} registered twice")
+    BUILTINS[name] = dataset
+
+
 # -- normalisation helpers --------------------------------------------------------------------
-def _classification(rows: list[dict[str, Any]]) -> datasets.Dataset:
+def classification_rows(rows: list[dict[str, Any]]) -> datasets.Dataset:
     return datasets.Dataset.from_dict(
         {
             "text": [r["text"] for r in rows],
@@ -82,7 +92,7 @@ def _classification(rows: list[dict[str, Any]]) -> datasets.Dataset:
     )
 
 
-def _generation(rows: list[dict[str, Any]]) -> datasets.Dataset:
+def generation_rows(rows: list[dict[str, Any]]) -> datasets.Dataset:
     return datasets.Dataset.from_dict(
         {
             "prompt": [r["prompt"] for r in rows],
@@ -107,7 +117,7 @@ def _generation(rows: list[dict[str, Any]]) -> datasets.Dataset:
     )
 
 
-def _read_json_or_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_json_or_jsonl(path: Path) -> list[dict[str, Any]]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         text = f.read()
@@ -117,322 +127,10 @@ def _read_json_or_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def _read_tsv(path: Path, header: bool) -> list[list[str]]:
+def read_tsv(path: Path, header: bool) -> list[list[str]]:
     with open(path, encoding="utf-8-sig", newline="") as f:
         rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     return rows[1:] if header else rows
-
-
-# -- 20 Newsgroups ----------------------------------------------------------------------------
-NEWSGROUPS = [
-    "alt.atheism", "comp.graphics", "comp.os.ms-windows.misc", "comp.sys.ibm.pc.hardware",
-    "comp.sys.mac.hardware", "comp.windows.x", "misc.forsale", "rec.autos", "rec.motorcycles",
-    "rec.sport.baseball", "rec.sport.hockey", "sci.crypt", "sci.electronics", "sci.med",
-    "sci.space", "soc.religion.christian", "talk.politics.guns", "talk.politics.mideast",
-    "talk.politics.misc", "talk.religion.misc",
-]  # fmt: skip
-
-
-def _strip_headers(text: str) -> str:
-    # A message's headers end at its first blank line (the sklearn "headers" removal).
-    _, sep, body = text.partition("\n\n")
-    return body if sep else text
-
-
-def _newsgroups_local(root: Path) -> TaskData:
-    rows = _read_json_or_jsonl(root / "20newsgroups" / "20news-bydate.jsonl.gz")
-    split = {"train": [], "test": []}
-    for row in rows:
-        split[row["split"]].append({"text": _strip_headers(row["text"]), "label": row["label"]})
-    return TaskData(
-        "20newsgroups", "classification", "accuracy",
-        _classification(split["train"]), _classification(split["test"]),
-        label_names=list(NEWSGROUPS), natural_key="label", source=str(root / "20newsgroups"),
-    )  # fmt: skip
-
-
-def _newsgroups_hub() -> TaskData:
-    # SetFit/20_newsgroups: the bydate split with headers, footers and quotes already removed.
-    ds = datasets.load_dataset("SetFit/20_newsgroups")
-    parts = {s: _classification([{"text": r["text"], "label": r["label"]} for r in ds[s]]) for s in ("train", "test")}
-    return TaskData(
-        "20newsgroups", "classification", "accuracy", parts["train"], parts["test"],
-        label_names=list(NEWSGROUPS), natural_key="label", source="hub:SetFit/20_newsgroups",
-    )  # fmt: skip
-
-
-# -- GLUE -------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class GlueTask:
-    folder: str
-    hub_config: str
-    label_names: tuple[str, ...]
-    text_fields: tuple[str, ...]  # hub column names
-
-
-GLUE_TASKS: dict[str, GlueTask] = {
-    "cola": GlueTask("CoLA", "cola", ("unacceptable", "acceptable"), ("sentence",)),
-    "sst2": GlueTask("SST-2", "sst2", ("negative", "positive"), ("sentence",)),
-    "mrpc": GlueTask("MRPC", "mrpc", ("not_equivalent", "equivalent"), ("sentence1", "sentence2")),
-    "rte": GlueTask("RTE", "rte", ("entailment", "not_entailment"), ("sentence1", "sentence2")),
-    "qnli": GlueTask("QNLI", "qnli", ("entailment", "not_entailment"), ("question", "sentence")),
-    "wnli": GlueTask("WNLI", "wnli", ("not_entailment", "entailment"), ("sentence1", "sentence2")),
-}
-
-
-def _glue_rows(task: str, path: Path) -> list[dict[str, Any]]:
-    spec = GLUE_TASKS[task]
-    if task == "cola":  # no header: source, label, original label, sentence
-        return [{"text": r[3], "label": int(r[1])} for r in _read_tsv(path, header=False)]
-    rows = _read_tsv(path, header=True)
-    if task == "sst2":
-        return [{"text": r[0], "label": int(r[1])} for r in rows]
-    if task == "mrpc":  # Quality, #1 ID, #2 ID, #1 String, #2 String
-        return [{"text": r[3], "text_pair": r[4], "label": int(r[0])} for r in rows]
-    # rte, qnli, wnli: index, first, second, label (names for rte/qnli, 0/1 for wnli)
-    names = list(spec.label_names)
-    return [
-        {"text": r[1], "text_pair": r[2], "label": int(r[3]) if r[3].isdigit() else names.index(r[3])}
-        for r in rows
-    ]
-
-
-def _glue_local(task: str) -> Callable[[Path], TaskData]:
-    def load(root: Path) -> TaskData:
-        folder = root / "glue" / GLUE_TASKS[task].folder
-        train_file = folder / "train.tsv"
-        if not train_file.exists():
-            raise UsageError(f"glue/{task}: {train_file} is missing (this copy has no training split)")
-        return TaskData(
-            f"glue/{task}", "classification", "accuracy",
-            _classification(_glue_rows(task, train_file)), _classification(_glue_rows(task, folder / "dev.tsv")),
-            label_names=list(GLUE_TASKS[task].label_names), natural_key="label", source=str(folder),
-        )  # fmt: skip
-
-    return load
-
-
-def _glue_hub(task: str) -> Callable[[], TaskData]:
-    def load() -> TaskData:
-        spec = GLUE_TASKS[task]
-        ds = datasets.load_dataset("nyu-mll/glue", spec.hub_config)
-
-        def rows(split: str) -> list[dict[str, Any]]:
-            out = []
-            for r in ds[split]:
-                pair = r[spec.text_fields[1]] if len(spec.text_fields) > 1 else None
-                out.append({"text": r[spec.text_fields[0]], "text_pair": pair, "label": r["label"]})
-            return out
-
-        return TaskData(
-            f"glue/{task}", "classification", "accuracy",
-            _classification(rows("train")), _classification(rows("validation")),
-            label_names=list(spec.label_names), natural_key="label", source=f"hub:nyu-mll/glue/{spec.hub_config}",
-        )  # fmt: skip
-
-    return load
-
-
-# -- Dolly-15k --------------------------------------------------------------------------------
-def _dolly_prompt(instruction: str, context: str) -> str:
-    return f"{instruction}\n\nContext:\n{context}" if context.strip() else instruction
-
-
-def _dolly_row(r: dict[str, Any], client: int | None = None) -> dict[str, Any]:
-    return {
-        "prompt": _dolly_prompt(r["instruction"], r.get("context") or ""),
-        "response": r["response"],
-        "category": r["category"],
-        # the natural partition key: the pre-split client file, or the category on the Hub copy
-        "group": str(client) if client is not None else r["category"],
-    }
-
-
-def _dolly_local(root: Path) -> TaskData:
-    folder = root / "dolly15k"
-    files = sorted(folder.glob("local_training_*.json"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
-    train = []
-    for path in files:
-        client = int(path.stem.rsplit("_", 1)[1])
-        train += [_dolly_row(r, client) for r in _read_json_or_jsonl(path)]
-    test = [_dolly_row(r) for r in _read_json_or_jsonl(folder / "global_test.json")]
-    # natural partition = the 10 pre-split clients (the FedIT/Shepherd split, 2-3 categories each)
-    return TaskData(
-        "dolly15k", "generation", "perplexity", _generation(train), _generation(test),
-        natural_key="group", source=str(folder),
-    )  # fmt: skip
-
-
-def _dolly_hub() -> TaskData:
-    ds = datasets.load_dataset("databricks/databricks-dolly-15k")["train"]
-    rows = [_dolly_row(r) for r in ds]
-    # Hold out 10 rows per category as the global test set, as the Shepherd split does.
-    seen: dict[str, int] = {}
-    train, test = [], []
-    for row in rows:
-        if seen.get(row["category"], 0) < 10:
-            seen[row["category"]] = seen.get(row["category"], 0) + 1
-            test.append(row)
-        else:
-            train.append(row)
-    return TaskData(
-        "dolly15k", "generation", "perplexity", _generation(train), _generation(test),
-        natural_key="category", source="hub:databricks/databricks-dolly-15k",
-    )  # fmt: skip
-
-
-# -- GSM8K ------------------------------------------------------------------------------------
-_NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
-
-
-def final_number(text: str) -> str:
-    """The final numeric answer of a solution: after '####' if present, else the last number."""
-    tail = text.rsplit("####", 1)[1] if "####" in text else text
-    numbers = _NUMBER.findall(tail)
-    if not numbers:
-        return ""
-    value = numbers[-1 if "####" not in text else 0].replace(",", "").rstrip(".")
-    try:
-        as_float = float(value)
-    except ValueError:
-        return value
-    return str(int(as_float)) if as_float.is_integer() else str(as_float)
-
-
-def _gsm8k_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [
-        {"prompt": r["question"], "response": r["answer"], "category": "math", "final": final_number(r["answer"])}
-        for r in records
-    ]
-
-
-def _gsm8k_local(root: Path) -> TaskData:
-    folder = root / "gsm8k"
-    return TaskData(
-        "gsm8k", "generation", "exact_match",
-        _generation(_gsm8k_rows(_read_json_or_jsonl(folder / "train.jsonl"))),
-        _generation(_gsm8k_rows(_read_json_or_jsonl(folder / "test.jsonl"))),
-        natural_key="category", source=str(folder),
-    )  # fmt: skip
-
-
-def _gsm8k_hub() -> TaskData:
-    ds = datasets.load_dataset("openai/gsm8k", "main")
-    return TaskData(
-        "gsm8k", "generation", "exact_match",
-        _generation(_gsm8k_rows(list(ds["train"]))), _generation(_gsm8k_rows(list(ds["test"]))),
-        natural_key="category", source="hub:openai/gsm8k",
-    )  # fmt: skip
-
-
-# -- multiple choice (LLM-Adapters prompt format) ---------------------------------------------
-_FORMAT = re.compile(r"Answer format:\s*(\S+)\s*$")
-
-
-def _mc_row(r: dict[str, Any], category: str) -> dict[str, Any]:
-    options = _FORMAT.search(r["instruction"].strip())
-    labels = options.group(1).split("/") if options else ["true", "false"]
-    choices = [f"the correct answer is {label}" for label in labels]
-    return {
-        "prompt": r["instruction"],
-        "response": f"the correct answer is {r['answer']}",
-        "category": category,
-        "choices": choices,
-        "answer": labels.index(r["answer"]),
-    }
-
-
-@dataclass(frozen=True)
-class MultipleChoiceTask:
-    folder: str
-    hub_id: str
-    hub_config: str | None
-
-
-MC_TASKS: dict[str, MultipleChoiceTask] = {
-    "boolq": MultipleChoiceTask("boolq", "google/boolq", None),
-    "arc-e": MultipleChoiceTask("ARC-Easy", "allenai/ai2_arc", "ARC-Easy"),
-    "arc-c": MultipleChoiceTask("ARC-Challenge", "allenai/ai2_arc", "ARC-Challenge"),
-    "openbookqa": MultipleChoiceTask("openbookqa", "allenai/openbookqa", "main"),
-}
-
-
-def _mc_local(name: str) -> Callable[[Path], TaskData]:
-    def load(root: Path) -> TaskData:
-        folder = root / "llm_adapters" / "dataset" / MC_TASKS[name].folder
-        train = [_mc_row(r, name) for r in _read_json_or_jsonl(folder / "train.json")]
-        test = [_mc_row(r, name) for r in _read_json_or_jsonl(folder / "test.json")]
-        return TaskData(
-            name, "generation", "multiple_choice", _generation(train), _generation(test),
-            natural_key="category", source=str(folder),
-        )  # fmt: skip
-
-    return load
-
-
-def _mc_from_hub_record(name: str, r: dict[str, Any]) -> dict[str, Any]:
-    """Hub records rewritten into the LLM-Adapters instruction format used by the local files."""
-    if name == "boolq":
-        question = r["question"].rstrip("?")
-        instruction = (
-            f"Please answer the following question with true or false, question: {question}?"
-            "\n\nAnswer format: true/false"
-        )
-        return _mc_row({"instruction": instruction, "answer": "true" if r["answer"] else "false"}, name)
-    question = r["question"] if "question" in r else r["question_stem"]
-    texts, keys = r["choices"]["text"], r["choices"]["label"]
-    options = " ".join(f"Answer{i + 1}: {t}" for i, t in enumerate(texts))
-    labels = "/".join(f"answer{i + 1}" for i in range(len(texts)))
-    instruction = (
-        f"Please choose the correct answer to the question: {question}\n\n{options}\n\nAnswer format: {labels}"
-    )
-    return _mc_row({"instruction": instruction, "answer": f"answer{keys.index(r['answerKey']) + 1}"}, name)
-
-
-def _mc_hub(name: str) -> Callable[[], TaskData]:
-    def load() -> TaskData:
-        spec = MC_TASKS[name]
-        ds = datasets.load_dataset(spec.hub_id, spec.hub_config) if spec.hub_config else datasets.load_dataset(spec.hub_id)
-        test_split = "test" if name != "boolq" else "validation"
-        parts = {
-            split: _generation([_mc_from_hub_record(name, r) for r in ds[split]]) for split in ("train", test_split)
-        }
-        return TaskData(
-            name, "generation", "multiple_choice", parts["train"], parts[test_split],
-            natural_key="category", source=f"hub:{spec.hub_id}",
-        )  # fmt: skip
-
-    return load
-
-
-BUILTINS: dict[str, BuiltinDataset] = {
-    "20newsgroups": BuiltinDataset(
-        "20 Newsgroups (bydate, headers removed), 20-way topic classification",
-        _newsgroups_local, _newsgroups_hub, ("20newsgroups/20news-bydate.jsonl.gz",),
-    ),
-    "dolly15k": BuiltinDataset(
-        "databricks-dolly-15k instruction tuning; natural partition = the 10 Shepherd clients",
-        _dolly_local, _dolly_hub, ("dolly15k/global_test.json",),
-    ),
-    "gsm8k": BuiltinDataset(
-        "GSM8K grade-school math; exact match on the final number",
-        _gsm8k_local, _gsm8k_hub, ("gsm8k/train.jsonl",),
-    ),
-    **{
-        f"glue/{task}": BuiltinDataset(
-            f"GLUE {spec.folder} classification ({'/'.join(spec.label_names)}); test = dev split",
-            _glue_local(task), _glue_hub(task), (f"glue/{spec.folder}/dev.tsv",),
-        )
-        for task, spec in GLUE_TASKS.items()
-    },
-    **{
-        name: BuiltinDataset(
-            f"{spec.folder} multiple choice (LLM-Adapters format); accuracy by answer log-likelihood",
-            _mc_local(name), _mc_hub(name), (f"llm_adapters/dataset/{spec.folder}/test.json",),
-        )
-        for name, spec in MC_TASKS.items()
-    },
-}  # fmt: skip
 
 
 # -- local files and Hub ids ------------------------------------------------------------------
@@ -484,7 +182,7 @@ def normalise(ds: datasets.Dataset, name: str, fields: FieldMap, kind: str) -> t
             {"text": str(t), "text_pair": (str(p) if pair else None), "label": i}
             for t, p, i in zip(list(ds[text]), list(ds[pair]) if pair else [None] * len(ds), ids)
         ]
-        return _classification(rows), "classification", names
+        return classification_rows(rows), "classification", names
     if prompt is None or response is None:
         raise UsageError(f"{name}: cannot find prompt and response columns in {columns}; set prompt_field= and response_field=")
     categories = list(ds["category"]) if "category" in columns else [""] * len(ds)
@@ -492,7 +190,7 @@ def normalise(ds: datasets.Dataset, name: str, fields: FieldMap, kind: str) -> t
         {"prompt": str(p), "response": str(r), "category": str(c)}
         for p, r, c in zip(list(ds[prompt]), list(ds[response]), categories)
     ]
-    return _generation(rows), "generation", None
+    return generation_rows(rows), "generation", None
 
 
 def _split_off_test(ds: datasets.Dataset, test_fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -639,7 +337,8 @@ def load_task(
                 f"{dataset}: no local copy (set data_dir= or FEDTUNE_DATA_DIR) and the Hub is unreachable ({first})"
             ) from None
     if dataset.startswith("glue/"):
-        raise UsageError(f"unsupported GLUE task {dataset!r}; supported: {', '.join('glue/' + t for t in GLUE_TASKS)}")
+        glue = sorted(name for name in BUILTINS if name.startswith("glue/"))
+        raise UsageError(f"unsupported GLUE task {dataset!r}; supported: {', '.join(glue)}")
     path = Path(dataset).expanduser()
     if path.is_file():
         return _load_file(path, fields, kind, seed, test_dataset)

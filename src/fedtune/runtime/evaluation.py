@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
+from fedtune.data.builtin.gsm8k import final_number
 from fedtune.data.encode import IGNORE_INDEX, Example, collate
-from fedtune.data.sources import final_number
 from fedtune.runtime.local_training import autocast
 
 

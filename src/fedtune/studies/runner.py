@@ -37,7 +37,6 @@ from fedtune.runtime.simulator import Simulator
 from fedtune.studies.definitions import Study
 
 
-
 def slug(label: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
 

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 import yaml
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.common.constant import SType
 from flwr.clientapp import ClientApp
+from flwr.common.constant import SType
 from safetensors.torch import load_file, save_file
 
 from fedtune.config import RunConfig
