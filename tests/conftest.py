@@ -54,6 +54,30 @@ def write_instruction_jsonl(path: Path, rows: int = 40, seed: int = 0) -> Path:
     return path
 
 
+def write_image_folder(path: Path, per_class: int = 12, labels: int = 4, size: int = 16, seed: int = 0) -> Path:
+    """An image folder (one sub-folder per class) whose class is visible: class k is a
+    bright square in quadrant k on noise."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    half = size // 2
+    for label in range(labels):
+        folder = path / f"class{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 60, (size, size), dtype=np.uint8)
+            row, col = divmod(label % 4, 2)
+            pixels[row * half : (row + 1) * half, col * half : (col + 1) * half] += 180
+            Image.fromarray(pixels, mode="L").save(folder / f"{i}.png")
+    return path
+
+
+@pytest.fixture
+def image_dir(tmp_path: Path) -> Path:
+    return write_image_folder(tmp_path / "images")
+
+
 @pytest.fixture
 def cls_file(tmp_path: Path) -> Path:
     return write_classification_jsonl(tmp_path / "cls.jsonl")

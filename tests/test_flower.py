@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import METHOD_CASES, tiny_overrides, write_classification_jsonl
+from conftest import METHOD_CASES, tiny_overrides, write_classification_jsonl, write_image_folder
 from helpers import run_tiny
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -42,6 +42,8 @@ MALICIOUS = {
     "flower.inject_faults": "[impersonate:1,unknown_id:2,garbage_array:3]",
 }
 FLOWER = {"flower.client_cpus": 2, "fraction": 0.75}
+#: an image job: a tiny ViT on an image folder
+IMAGE = {"method": "fedit", "model": "tiny-vit", "batch_size": 8}
 
 
 def overrides_for(dataset: Path, extra: dict[str, object]) -> list[str]:
@@ -57,8 +59,10 @@ def flower_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     runs = {name: (load_config(None, overrides_for(dataset, extra)), root / name) for name, extra in CASES.items()}
     runs["faults"] = (load_config(None, overrides_for(dataset, FAULTS)), root / "faults")
     runs["malicious"] = (load_config(None, overrides_for(dataset, MALICIOUS)), root / "malicious")
+    images = write_image_folder(root / "images")
+    runs["image"] = (load_config(None, overrides_for(images, IMAGE)), root / "image")
     simulate_many(list(runs.values()))
-    return {"dataset": dataset, **{name: out for name, (_, out) in runs.items()}}
+    return {"dataset": dataset, "images": images, **{name: out for name, (_, out) in runs.items()}}
 
 
 @pytest.mark.parametrize("name", CASES, ids=list(CASES))
@@ -115,6 +119,14 @@ def test_crashed_and_malformed_replies_are_dropped_and_the_run_completes(flower_
     assert summary["failed_replies"] + summary["rejected_replies"] > 0
     state = load_file(str(out / "checkpoint" / "server.safetensors"))
     assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_an_image_job_on_flower_aggregates_what_the_simulator_aggregates(flower_runs: dict[str, Path]) -> None:
+    simulator, _ = run_tiny(overrides_for(flower_runs["images"], IMAGE))
+    flower_state = load_file(str(flower_runs["image"] / "checkpoint" / "server.safetensors"))
+    ours = {k: v for k, v in simulator.server.items() if not is_bookkeeping(k)}
+    assert max_abs_diff(ours, {k: flower_state[k] for k in ours}) <= 1e-6
+    assert [r["accuracy"] for r in read_metrics(flower_runs["image"])] == [r["accuracy"] for r in simulator.history]
 
 
 def test_malicious_clientapps_are_rejected_and_the_run_completes(flower_runs: dict[str, Path]) -> None:

@@ -104,6 +104,9 @@ class RunConfig(ConfigSection):
     label_field: str | None = None
     prompt_field: str | None = None
     response_field: str | None = None
+    image_field: str | None = None
+    #: image tasks: the square input side in pixels (default: the model's image processor's)
+    image_size: int | None = Field(None, gt=0)
 
     clients: int = Field(10, gt=0)
     rounds: int = Field(5, gt=0)

@@ -1,4 +1,4 @@
-"""Turn normalised rows into token tensors, and token tensors into padded batches.
+"""Turn normalised rows into token (or pixel) tensors, and those into padded batches.
 
 Everything is tokenised once, before the first round: a client's turn then only slices
 and pads tensors, which keeps the simulator's overhead per step near zero.
@@ -7,6 +7,9 @@ Instruction rows are formatted with the tokenizer's chat template (user turn = p
 assistant turn = response); the loss covers the response tokens only (labels -100 on the
 prompt). Tokenizers without a chat template use a plain ``### Instruction / ### Response``
 layout.
+
+Image rows become uint8 pixels at the model's input size (``fedtune.models.vision``), and a
+batch of them is normalised as the model's image processor says.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ class Example:
     choices: list[torch.Tensor] | None = None
     answer: int = -1
     final: str = ""
+    #: an image example: uint8 pixels (1 or 3 x size x size) and how to normalise them
+    pixels: torch.Tensor | None = None
+    image_inputs: Any = None
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
@@ -136,22 +142,50 @@ def encode_scored(rows: datasets.Dataset, tokenizer: Any, max_len: int) -> list[
     return examples
 
 
+def encode_images(rows: datasets.Dataset, image_inputs: Any) -> list[Example]:
+    """Image classification examples: each image resized once to the model's input size."""
+    no_tokens = torch.empty(0, dtype=torch.long)
+    return [
+        Example(no_tokens, int(label), pixels=image_inputs.encode(image), image_inputs=image_inputs)
+        for image, label in zip(rows["image"], rows["label"])
+    ]
+
+
 @dataclass
 class Batch:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    input_ids: torch.Tensor | None
+    attention_mask: torch.Tensor | None
     labels: torch.Tensor
+    pixel_values: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return Batch(move(self.input_ids), move(self.attention_mask), self.labels.to(device), move(self.pixel_values))
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """The keyword arguments of the model's forward (without labels)."""
+        if self.pixel_values is not None:
+            return {"pixel_values": self.pixel_values}
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}  # type: ignore[dict-item]
+
+    @property
+    def size(self) -> int:
+        return int(self.labels.shape[0])
 
     @property
     def num_tokens(self) -> int:
-        return int(self.attention_mask.sum())
+        """Tokens seen (text), or images (an image is one input of a fixed size)."""
+        return int(self.attention_mask.sum()) if self.attention_mask is not None else self.size
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> Batch:
-    """Right-padded batch; class labels as a vector, token labels padded with -100."""
+    """Right-padded batch; class labels as a vector, token labels padded with -100; image
+    examples as one normalised pixel tensor."""
+    if examples[0].pixels is not None:
+        labels = torch.tensor([int(e.labels) for e in examples], dtype=torch.long)  # type: ignore[arg-type]
+        return Batch(None, None, labels, examples[0].image_inputs.batch([e.pixels for e in examples]))
     length = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), length), dtype=torch.long)

@@ -7,7 +7,7 @@ from typing import Any
 
 import datasets
 
-from fedtune.data.encode import Example, encode_classification, encode_generation, encode_scored
+from fedtune.data.encode import Example, encode_classification, encode_generation, encode_images, encode_scored
 from fedtune.data.partition import partition
 from fedtune.data.sources import FieldMap, TaskData, load_tasks
 from fedtune.errors import UsageError
@@ -60,6 +60,7 @@ def field_map(config: Any) -> FieldMap:
         label=config.label_field,
         prompt=config.prompt_field,
         response=config.response_field,
+        image=config.image_field,
     )
 
 
@@ -110,12 +111,15 @@ def plan_own_data(config: Any, client_id: int, path: str) -> PartitionPlan:
 
 
 def _encoders(plan: PartitionPlan, tokenizer: Any, max_seq_len: int):
+    """``tokenizer``: the model's tokenizer, or its image input spec for an image task."""
     task = plan.task
     scored = task.metric in ("multiple_choice", "exact_match")
 
     def encode(rows: datasets.Dataset) -> list[Example]:
         if len(rows) == 0:
             return []
+        if task.modality == "image":
+            return encode_images(rows, tokenizer)
         if task.kind == "classification":
             return encode_classification(rows, tokenizer, max_seq_len)
         return encode_generation(rows, tokenizer, max_seq_len)

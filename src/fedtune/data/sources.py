@@ -54,6 +54,11 @@ class TaskData:
     def num_labels(self) -> int:
         return len(self.label_names or [])
 
+    @property
+    def modality(self) -> str:
+        """``image`` for image classification rows (an ``image`` column), else ``text``."""
+        return "image" if "image" in self.train.column_names else "text"
+
 
 @dataclass(frozen=True)
 class BuiltinDataset:
@@ -139,6 +144,7 @@ PAIR_FIELDS = ("text_pair", "sentence2", "hypothesis")
 LABEL_FIELDS = ("label", "labels", "class", "target")
 PROMPT_FIELDS = ("prompt", "instruction", "question", "input")
 RESPONSE_FIELDS = ("response", "output", "answer", "completion")
+IMAGE_FIELDS = ("image", "img", "picture", "photo")
 
 
 def _pick(columns: list[str], wanted: str | None, candidates: tuple[str, ...], what: str) -> str | None:
@@ -158,12 +164,48 @@ class FieldMap:
     label: str | None = None
     prompt: str | None = None
     response: str | None = None
+    image: str | None = None
 
 
-def normalise(ds: datasets.Dataset, name: str, fields: FieldMap, kind: str) -> tuple[datasets.Dataset, Kind, list[str] | None]:
-    """Map an arbitrary table onto the classification or generation schema."""
+def image_rows(images: list[Any], labels: list[int]) -> datasets.Dataset:
+    """The image classification schema: ``image`` (decoded as PIL images), ``label``."""
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    return datasets.Dataset.from_dict({"image": images, "label": [int(v) for v in labels]}, features=features)
+
+
+def _label_ids(ds: datasets.Dataset, label: str) -> tuple[list[int], list[str]]:
+    feature = ds.features.get(label)
+    raw = list(ds[label])
+    if isinstance(feature, datasets.ClassLabel):
+        return [int(v) for v in raw], list(feature.names)
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in raw):
+        return raw, [str(i) for i in range(max(raw) + 1)]
+    names = sorted({str(v) for v in raw})
+    return [names.index(str(v)) for v in raw], names
+
+
+def _image_column(ds: datasets.Dataset, wanted: str | None) -> str | None:
+    columns = list(ds.column_names)
+    if wanted:
+        return _pick(columns, wanted, (), "image")
+    typed = [c for c in columns if isinstance(ds.features.get(c), datasets.Image)]
+    return typed[0] if typed else next((c for c in IMAGE_FIELDS if c in columns), None)
+
+
+def normalise(ds: datasets.Dataset, name: str, fields: FieldMap, kind: str, folder: Path | None = None) -> tuple[datasets.Dataset, Kind, list[str] | None]:
+    """Map an arbitrary table onto the classification, image or generation schema. Image
+    columns holding file paths are read relative to ``folder`` (the data file's)."""
     columns = list(ds.column_names)
     label = _pick(columns, fields.label, LABEL_FIELDS, "label")
+    image = _image_column(ds, fields.image)
+    if image is not None and kind != "generation":
+        if label is None:
+            raise UsageError(f"{name}: an image column {image!r} but no label column in {columns}; set label_field=")
+        images = ds[image]
+        if not isinstance(ds.features.get(image), datasets.Image):  # paths (or bytes) in a JSON/CSV file
+            images = [str((folder or Path()) / p) if isinstance(p, str) and not Path(p).is_absolute() else p for p in images]
+        ids, names = _label_ids(ds, label)
+        return image_rows(list(images), ids), "classification", names
     prompt = _pick(columns, fields.prompt, PROMPT_FIELDS, "prompt")
     response = _pick(columns, fields.response, RESPONSE_FIELDS, "response")
     if kind == "classification" or (kind == "auto" and label is not None and not fields.prompt):
@@ -171,13 +213,7 @@ def normalise(ds: datasets.Dataset, name: str, fields: FieldMap, kind: str) -> t
         if text is None or label is None:
             raise UsageError(f"{name}: cannot find text and label columns in {columns}; set text_field= and label_field=")
         pair = _pick(columns, fields.text_pair, PAIR_FIELDS, "text pair")
-        raw_labels = list(ds[label])
-        if all(isinstance(v, int) for v in raw_labels):
-            names = [str(i) for i in range(max(raw_labels) + 1)]
-            ids = raw_labels
-        else:
-            names = sorted({str(v) for v in raw_labels})
-            ids = [names.index(str(v)) for v in raw_labels]
+        ids, names = _label_ids(ds, label)
         rows = [
             {"text": str(t), "text_pair": (str(p) if pair else None), "label": i}
             for t, p, i in zip(list(ds[text]), list(ds[pair]) if pair else [None] * len(ds), ids)
@@ -204,6 +240,8 @@ FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "p
 
 
 def _read_table(path: Path, role: str) -> datasets.Dataset:
+    if path.is_dir():  # an image folder: one sub-folder per class (datasets' imagefolder)
+        return datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
     fmt = FILE_FORMATS.get(path.suffix)
     if fmt is None:
         raise UsageError(f"unsupported {role} file type {path.suffix!r}; use .jsonl, .json, .csv or .parquet")
@@ -212,14 +250,14 @@ def _read_table(path: Path, role: str) -> datasets.Dataset:
 
 def _load_file(path: Path, fields: FieldMap, kind: str, seed: int, test_file: str | None) -> TaskData:
     test_path = Path(test_file) if test_file else None
-    if test_path is not None and not test_path.is_file():
+    if test_path is not None and not test_path.exists():
         raise UsageError(f"test dataset file not found: {test_file}")
     current = path
     try:  # datasets reads lazily: a malformed or non-UTF-8 file can fail in any of these steps
-        train, task_kind, names = normalise(_read_table(path, "dataset"), path.name, fields, kind)
+        train, task_kind, names = normalise(_read_table(path, "dataset"), path.name, fields, kind, path.parent)
         if test_path is not None:
             current = test_path
-            test, _, _ = normalise(_read_table(test_path, "test dataset"), test_path.name, fields, task_kind)
+            test, _, _ = normalise(_read_table(test_path, "test dataset"), test_path.name, fields, task_kind, test_path.parent)
         else:
             train, test = _split_off_test(train, 0.1, seed)
     except UsageError:
@@ -340,7 +378,7 @@ def load_task(
         glue = sorted(name for name in BUILTINS if name.startswith("glue/"))
         raise UsageError(f"unsupported GLUE task {dataset!r}; supported: {', '.join(glue)}")
     path = Path(dataset).expanduser()
-    if path.is_file():
+    if path.is_file() or path.is_dir():  # a data file, or a folder of images by class
         return _load_file(path, fields, kind, seed, test_dataset)
     if path.suffix in FILE_FORMATS or os.sep in dataset and not re.fullmatch(r"[\w.-]+/[\w.-]+", dataset):
         raise UsageError(f"dataset file not found: {dataset}")

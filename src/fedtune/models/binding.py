@@ -80,7 +80,7 @@ class AdapterSpec:
     rslora: bool
     dropout: float
     target_modules: tuple[str, ...]
-    task_type: str
+    task_type: str | None  # None: an image classifier (peft has no task type for it)
     base_model_name_or_path: str
     modules_to_save: tuple[str, ...] = ()
 
@@ -219,7 +219,10 @@ def bind_lora(
     for methods that merge updates into it (FLoRA).
     """
     targets = lora.target_modules or default_targets(loaded.model_type)
-    task_type = TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM
+    image = loaded.images is not None
+    # peft has no task type for image classifiers: the head is trained as a module to save
+    task_type = None if image else TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM
+    heads = [name for name in HEAD_MODULES if hasattr(loaded.model, name)] if image else None
     distinct = sorted(set(ranks or [lora.r]))
 
     def config_for(rank: int) -> LoraConfig:
@@ -230,6 +233,7 @@ def bind_lora(
             lora_dropout=lora.dropout,
             target_modules=targets,
             use_rslora=lora.rslora,
+            modules_to_save=heads,
         )
 
     try:
@@ -252,7 +256,7 @@ def bind_lora(
         rslora=lora.rslora,
         dropout=lora.dropout,
         target_modules=tuple(targets or peft_model.peft_config[slot_name(distinct[0])].target_modules),
-        task_type=task_type.value,
+        task_type=task_type.value if task_type is not None else None,
         base_model_name_or_path=loaded.name_or_path,
         modules_to_save=tuple(peft_model.peft_config[slot_name(distinct[0])].modules_to_save or ()),
     )

@@ -112,7 +112,7 @@ def bind_decomposed(loaded: LoadedModel, task: TaskKind, lora: object, ranks: It
         rslora=lora.rslora,  # type: ignore[attr-defined]
         dropout=lora.dropout,  # type: ignore[attr-defined]
         target_modules=tuple(targets),
-        task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
+        task_type=None if loaded.images is not None else "SEQ_CLS" if task == "classification" else "CAUSAL_LM",
         base_model_name_or_path=loaded.name_or_path,
         modules_to_save=head_modules,
     )

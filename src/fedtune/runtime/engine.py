@@ -117,7 +117,7 @@ class Federation:
         if fmt == "merged":
             save_merged_weights(state, target)
         else:
-            self.binding.export(self.method.export_state(state), target, self.loaded.tokenizer)
+            self.binding.export(self.method.export_state(state), target, self.loaded.preprocessor)
         return target
 
     def steps_for_client(self, client_id: int) -> int:
@@ -189,11 +189,12 @@ def build_federation(
     device = pick_device(config.device)
     method = build_method(config)
     check_method_config(method, config)
-    loaded = load_model(config.model, task.kind, task.num_labels, seed=config.seed)
-    check_sequence_length(loaded, config.max_seq_len)
+    loaded = load_model(config.model, task.kind, task.num_labels, seed=config.seed, modality=task.modality, image_size=config.image_size)
+    if task.modality == "text":
+        check_sequence_length(loaded, config.max_seq_len)
     binding = bind_model(method, loaded, task.kind, config)
     binding.to(device)
-    data = encode_plan(plan, loaded.tokenizer, config.max_seq_len, only_clients, global_test)
+    data = encode_plan(plan, loaded.encoder, config.max_seq_len, only_clients, global_test)
     precision = resolve_precision(config.precision, device)
     return Federation(config, method, data, loaded, binding, device, WIRE_DTYPES[config.wire_dtype], precision)
 

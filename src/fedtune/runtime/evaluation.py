@@ -32,7 +32,7 @@ def evaluate_classification(
     for chunk in _sorted_chunks(examples, batch_size):
         batch = collate(chunk, pad_id).to(device)
         with autocast(device, precision):
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+            logits = model(**batch.model_inputs()).logits.float()
         loss_sum += float(torch.nn.functional.cross_entropy(logits, batch.labels, reduction="sum"))
         correct += int((logits.argmax(-1) == batch.labels).sum())
         count += len(chunk)

@@ -80,7 +80,7 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 def forward_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
+    out = model(**batch.model_inputs(), labels=batch.labels)
     return out.loss
 
 
@@ -121,7 +121,7 @@ def train_locally(
         sync()
         compute += time.perf_counter() - start
         total_loss += float(loss.detach())
-        total_examples += batch.input_ids.shape[0]
+        total_examples += batch.size
         total_tokens += batch.num_tokens
         if on_step is not None:
             on_step()

@@ -79,7 +79,7 @@ def federation_for(config: RunConfig, client_id: int, node_config: Any) -> Feder
         log.info("fedtune: model loaded in pid %d (load %d of this process, %.1f s)", os.getpid(), MODEL_LOADS, time.perf_counter() - start)
     fed, plan = _FEDERATIONS[digest]
     if not fed.data.clients[client_id].train:
-        fed.data.clients[client_id] = encode_client(plan, fed.loaded.tokenizer, config.max_seq_len, client_id)
+        fed.data.clients[client_id] = encode_client(plan, fed.loaded.encoder, config.max_seq_len, client_id)
     return fed
 
 
