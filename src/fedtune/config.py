@@ -17,10 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from fedtune.errors import UsageError
 from fedtune.methods import METHODS
+from fedtune.methods.client_corrections import FedProxSettings
 from fedtune.methods.fed_alora import FedALoRASettings
 from fedtune.methods.full_weight import FullWeightSettings, GaLoreSettings
 from fedtune.methods.hafl import HAFLSettings
 from fedtune.methods.hetlora import HetLoRASettings
+from fedtune.methods.server_optimizers import ServerOptSettings
 from fedtune.resources import assign_ranks, validate_ranks
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -168,6 +170,8 @@ class RunConfig(ConfigSection):
     galore: GaLoreSettings = GaLoreSettings()
     hetlora: HetLoRASettings = HetLoRASettings()
     hafl: HAFLSettings = HAFLSettings()
+    server_opt: ServerOptSettings = ServerOptSettings()
+    fedprox: FedProxSettings = FedProxSettings()
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:

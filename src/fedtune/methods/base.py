@@ -99,6 +99,8 @@ class FederatedMethod(ABC):
     #: the aggregate is a p-weighted mean of the uploads, so central DP's "clip each update,
     #: noise the mean" is well defined
     aggregates_by_mean: ClassVar[bool] = False
+    #: why a server optimiser (FedAdam, ...) has no meaning for this method (None: it has)
+    server_opt_refusal: ClassVar[str | None] = None
 
     def __init__(self, head: HeadPlacement = "shared") -> None:
         if head not in ("shared", "local", "frozen"):

@@ -58,6 +58,7 @@ class FlexLoRA(FederatedMethod):
     name = "flexlora"
     summary = "FlexLoRA: weighted full-update averaging, SVD redistribution to each client's rank (fast QR path)"
     supports_heterogeneous_ranks = True
+    server_opt_refusal = "its server state is the SVD of the averaged update, redistributed each round, not an average a pseudo-gradient could move"
 
     def __init__(self, plan: RankPlan, head: HeadPlacement = "shared", dense: bool = False) -> None:
         super().__init__(head=head)

@@ -78,6 +78,7 @@ class FLoRA(FederatedMethod):
     supports_heterogeneous_ranks = True
     binds_base_weights = True
     export_format = "merged"  # the result lives in the base weights, not in an adapter
+    server_opt_refusal = "each round's stack is merged into the base weights and the LoRA restarts: there is no averaged tensor to move"
 
     def __init__(self, plan: RankPlan, head: HeadPlacement = "shared", wire_dtype: torch.dtype = torch.float32) -> None:
         super().__init__(head=head)

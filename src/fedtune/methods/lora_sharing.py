@@ -61,6 +61,7 @@ class LocalOnly(RoleSharingMethod):
     name = "local-only"
     summary = "Baseline: each client trains its own LoRA (and head) alone; nothing is communicated"
     aggregates_by_mean = False  # nothing is aggregated
+    server_opt_refusal = "nothing is aggregated"
     local_roles = frozenset({ROLE_A, ROLE_B})
 
     def __init__(self, head: str = "local") -> None:

@@ -20,6 +20,7 @@ from fedtune.config import RunConfig
 from fedtune.data.federated import FederatedData, PartitionPlan, encode_plan, plan_partitions
 from fedtune.errors import UsageError
 from fedtune.methods import METHODS, FederatedMethod, build_method
+from fedtune.methods.client_corrections import client_hooks
 from fedtune.models import LoadedModel, ModelBinding, bind_full, bind_lora, load_model
 from fedtune.models.export import save_merged_weights
 from fedtune.runtime.evaluation import evaluate
@@ -171,6 +172,8 @@ def check_sequence_length(loaded: LoadedModel, max_seq_len: int) -> None:
 
 def check_method_config(method: FederatedMethod, config: RunConfig) -> None:
     """Settings a method cannot honour, refused before anything is loaded or written."""
+    if config.server_opt.name != "none" and method.server_opt_refusal:
+        raise UsageError(f"server_opt.name={config.server_opt.name} has no meaning for {method.name}: {method.server_opt_refusal}")
     if config.dp.noise_multiplier > 0 and not method.aggregates_by_mean:
         mean_methods = sorted(n for n, m in METHODS.items() if m.aggregates_by_mean)
         raise UsageError(f"central DP needs a mean-aggregating method ({', '.join(mean_methods)}), not {method.name}")
@@ -226,7 +229,7 @@ def client_turn(
     model_keys = [k for k in start if not is_bookkeeping(k)]
     binding.load({k: start[k] for k in model_keys})
     params = binding.set_trainable([k for k in model_keys if method.trains(k)])
-    hooks = method.local_hooks(start, local)
+    hooks = client_hooks(method, start, local, config.fedprox.mu)
     optimizer = method.make_optimizer(params, config.lr, config.weight_decay, binding.matrix_keys)
     turn_seed = derive_seed(config.seed, round_num, client_id)
     torch.manual_seed(turn_seed)  # dropout

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from fedtune.atomic import save_safetensors
 from fedtune.errors import UsageError
 from fedtune.methods import ClientUpload
+from fedtune.methods.server_optimizers import ServerOptimizer
 from fedtune.runtime.engine import Federation, derive_seed, sample_clients
 from fedtune.runtime.safety import add_gaussian_noise, check_count, check_metrics, check_upload, clip_update
 from fedtune.state import State, is_bookkeeping, num_bytes, through_wire
@@ -79,6 +80,7 @@ class FederatedServer:
         #: the replies the last ``receive`` accepted (what a round's metrics row describes)
         self.accepted: list[Reply] = []
         self.accountant = self._make_accountant()
+        self.server_opt = ServerOptimizer(self.config.server_opt)
 
     # -- sending -----------------------------------------------------------------------------
     def sampled(self, round_num: int) -> list[int]:
@@ -169,10 +171,12 @@ class FederatedServer:
             self.completed_round = round_num
             return metrics
         uploads = [ClientUpload(r.client_id, r.num_examples, self.as_expected(r, sent[r.client_id])) for r in accepted]
+        previous = self.state
         if self.config.dp.noise_multiplier > 0:
             metrics.update(self._aggregate_private(round_num, uploads, sent))
         else:
             self.state = self.method.aggregate(self.state, uploads)
+        self.state = self.server_opt.step(previous, self.state)  # plain aggregation when none
         metrics["aggregated"] = True
         self.completed_round = round_num
         return metrics
