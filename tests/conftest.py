@@ -129,4 +129,6 @@ METHOD_CASES: dict[str, dict[str, object]] = {
     "fed-alora-decomposed": {"method": "fed-alora", "ranks": "[2,4,8,8]"},
     "hafl-freezing": {"method": "hafl", "ranks": "[2,4,8,8]"},
     "hafl-truncation": {"method": "hafl", "ranks": "[2,4,8,8]", "hafl.scheme": "truncation"},
+    "rolora": {"method": "rolora"},
+    "fedsvd": {"method": "fedsvd"},
 }

@@ -58,7 +58,8 @@ def test_sigkilled_run_resumes_bit_identical(uninterrupted: tuple[Path, Path], t
     assert not (out / "summary.json").exists()
     assert main(["run", "--resume", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["resumed_after_round"] >= 2
+    # the kill may land between a round's metrics row and its checkpoint: that round is redone
+    assert summary["resumed_after_round"] in (done - 1, done) and summary["resumed_after_round"] >= 1
     assert comparable(read_metrics(out)) == comparable(read_metrics(whole))
     assert adapters(out) == adapters(whole) and len(adapters(whole)) == 1 + 4  # global + every client's
 

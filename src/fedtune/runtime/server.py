@@ -68,6 +68,12 @@ def round_row(
     }
 
 
+def _small_integer_values(tensor: torch.Tensor) -> tuple | None:
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.numel() > 256:
+        return None
+    return tuple(tensor.flatten().tolist())
+
+
 class FederatedServer:
     def __init__(self, fed: Federation, checkpoint_dir: Path | None = None) -> None:
         self.fed = fed
@@ -101,10 +107,13 @@ class FederatedServer:
 
         Derived by running the method's own client steps on what the client received, so it
         follows every method's rules (a rank-r_k adapter, r_k HAFL components, ...). Cached
-        per client and payload shapes.
+        per client, payload shapes and the values of small integer tensors (a phase flag or
+        component indices decide which keys come back, at the same shapes).
         """
-        signature = (client_id, tuple((k, tuple(v.shape)) for k, v in sorted(received.items())))
+        signature = (client_id, tuple((k, tuple(v.shape), _small_integer_values(v)) for k, v in sorted(received.items())))
         if signature not in self._expected:
+            if len(self._expected) > 4096:  # values that change every round: keep the cache bounded
+                self._expected.clear()
             start = self.client_start(client_id, received)
             upload, _ = self.method.client_finish(dict(start), start)
             self._expected[signature] = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in upload.items()}
