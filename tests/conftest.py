@@ -131,4 +131,8 @@ METHOD_CASES: dict[str, dict[str, object]] = {
     "hafl-truncation": {"method": "hafl", "ranks": "[2,4,8,8]", "hafl.scheme": "truncation"},
     "rolora": {"method": "rolora"},
     "fedsvd": {"method": "fedsvd"},
+    "fedex-lora": {"method": "fedex-lora"},
+    "fedit-scaffold": {"method": "fedit", "scaffold.enabled": "true"},
+    "fedit-fedprox": {"method": "fedit", "fedprox.mu": 0.1},
+    "fedsa-fedadam": {"method": "fedsa-lora", "server_opt.name": "fedadam", "server_opt.lr": 0.05},
 }

@@ -134,3 +134,38 @@ def test_weighted_average_rejects_mismatched_inputs() -> None:
         weighted_average([], [])
     with pytest.raises(ValueError):
         weighted_average([{"a": torch.ones(1)}], [0.5, 0.5])
+
+
+def _one_client_round(method, initial: dict, server: dict) -> tuple[dict, dict, dict]:
+    received = method.download(server, client_id=0)
+    start = method.client_start(received, method.client_init(initial), initial, 0)
+    trained = {k: v + 1.0 if not k.startswith("_") and v.is_floating_point() and method.trains(k) else v for k, v in start.items()}
+    upload, kept = method.client_finish(trained, start)
+    return received, upload, kept
+
+
+def test_methods_that_change_what_travels_by_round() -> None:
+    """RoLoRA uploads B then A; FedSVD always B; FedEx-LoRA A, B and head, never its W."""
+    from fedtune.methods.fedex_lora import FedExLoRA
+    from fedtune.methods.frozen_factor import FedSVD, RoLoRA
+    from fedtune.resources import RankPlan
+
+    initial = lora_state(0)
+    for method, per_round in (
+        (RoLoRA(), [{"lora_B", "weight"}, {"lora_A", "weight"}, {"lora_B", "weight"}]),
+        (FedSVD(), [{"lora_B", "weight"}] * 3),
+    ):
+        server = method.server_init(initial)
+        for expected in per_round:
+            received, upload, kept = _one_client_round(method, initial, server)
+            assert suffixes(upload) == expected and kept == {}
+            assert {"lora_A", "lora_B"} <= suffixes(received)  # both factors come down every round
+            server = method.aggregate(server, [ClientUpload(0, 4, upload)])
+    with_w = {**initial, **{f"{m}.base_layer.weight": torch.randn(D_OUT, D_IN) for m in ("l0.q", "l0.v")}}
+    fedex = FedExLoRA(RankPlan((R,), R, 2.0 * R, False))
+    server = fedex.server_init(with_w)
+    for _ in range(2):
+        received, upload, kept = _one_client_round(fedex, with_w, server)
+        assert suffixes(upload) == {"lora_A", "lora_B", "weight"} and not any(k.endswith("base_layer.weight") for k in upload)
+        assert {k for k in kept} == {f"{m}.base_layer.weight" for m in ("l0.q", "l0.v")}
+        server = fedex.aggregate(server, [ClientUpload(0, 4, upload)])

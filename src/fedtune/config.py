@@ -22,6 +22,7 @@ from fedtune.methods.fed_alora import FedALoRASettings
 from fedtune.methods.full_weight import FullWeightSettings, GaLoreSettings
 from fedtune.methods.hafl import HAFLSettings
 from fedtune.methods.hetlora import HetLoRASettings
+from fedtune.methods.scaffold import ScaffoldSettings
 from fedtune.methods.server_optimizers import ServerOptSettings
 from fedtune.resources import assign_ranks, validate_ranks
 
@@ -172,6 +173,7 @@ class RunConfig(ConfigSection):
     hafl: HAFLSettings = HAFLSettings()
     server_opt: ServerOptSettings = ServerOptSettings()
     fedprox: FedProxSettings = FedProxSettings()
+    scaffold: ScaffoldSettings = ScaffoldSettings()
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:

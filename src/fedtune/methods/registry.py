@@ -26,5 +26,11 @@ def method_class(name: str) -> type[FederatedMethod]:
 
 
 def build_method(config: Any) -> FederatedMethod:
-    """The method object a run config asks for."""
-    return method_class(config.method).from_config(config)
+    """The method object a run config asks for (wrapped in SCAFFOLD when ``scaffold.enabled``)."""
+    method = method_class(config.method).from_config(config)
+    scaffold = getattr(config, "scaffold", None)
+    if scaffold is not None and scaffold.enabled:
+        from fedtune.methods.scaffold import Scaffold  # a wrapper over any registered method
+
+        method = Scaffold.wrap(method, config)
+    return method

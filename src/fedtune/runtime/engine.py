@@ -112,11 +112,11 @@ class Federation:
 
     def save(self, state: State, root: Path) -> Path:
         """Write ``state`` under ``root/<export format>``: a PEFT ``adapter``, a full ``model``,
-        or FLoRA's ``merged`` target weights."""
+        or the ``merged`` target weights (FLoRA, FedEx-LoRA)."""
         fmt = self.method.export_format
         target = root / fmt
         if fmt == "merged":
-            save_merged_weights(state, target)
+            save_merged_weights(self.method.export_state(state), target)
         else:
             self.binding.export(self.method.export_state(state), target, self.loaded.preprocessor)
         return target
