@@ -157,6 +157,44 @@ def _method_inputs(method_name: str, seed: int):
             upload["m.hafl_index"] = index.to(torch.int32)
             uploads.append(ClientUpload(k, 100, upload))
         return method, server, uploads
+    if method_name in ("rolora", "fedsvd"):
+        from fedtune.methods.frozen_factor import FedSVD, RoLoRA
+
+        method = RoLoRA() if method_name == "rolora" else FedSVD()
+        server = method.server_init(lora(AGG_HOMOGENEOUS_RANK))  # round 1: B trains, A frozen
+        uploads = [ClientUpload(k, 100, {"m.lora_B": torch.randn(d, AGG_HOMOGENEOUS_RANK, generator=g)}) for k in range(10)]
+        return method, server, uploads
+    if method_name == "fedex-lora":
+        from fedtune.methods.fedex_lora import FedExLoRA
+
+        method = FedExLoRA(RankPlan((AGG_HOMOGENEOUS_RANK,) * 10, AGG_HOMOGENEOUS_RANK, alpha=16.0))
+        server = method.server_init({**lora(AGG_HOMOGENEOUS_RANK), "m.base_layer.weight": torch.zeros(d, d)})
+        uploads = [ClientUpload(k, 100, lora(AGG_HOMOGENEOUS_RANK)) for k in range(10)]
+        return method, server, uploads
+    if method_name == "fedit+scaffold":
+        from fedtune.methods.scaffold import DELTA_C, Scaffold
+
+        method = Scaffold(FedIT(), lr=1e-3, clients=10)
+        server = method.server_init(lora(AGG_HOMOGENEOUS_RANK))
+        uploads = []
+        for k in range(10):
+            upload = lora(AGG_HOMOGENEOUS_RANK)
+            upload.update({DELTA_C + key: torch.randn(v.shape, generator=g) for key, v in list(upload.items())})
+            uploads.append(ClientUpload(k, 100, upload))
+        return method, server, uploads
+    if method_name == "fedit+fedadam":
+        from fedtune.methods.server_optimizers import ServerOptimizer, ServerOptSettings
+
+        class WithServerOptimizer:  # what FederatedServer.receive does: aggregate, then the server step
+            def __init__(self) -> None:
+                self.method, self.optimizer = FedIT(), ServerOptimizer(ServerOptSettings(name="fedadam"))
+
+            def aggregate(self, server, uploads):
+                return self.optimizer.step(server, self.method.aggregate(server, uploads))
+
+        server = lora(AGG_HOMOGENEOUS_RANK)
+        uploads = [ClientUpload(k, 100, lora(AGG_HOMOGENEOUS_RANK)) for k in range(10)]
+        return WithServerOptimizer(), server, uploads
     method = {"hetlora": HetLoRA(plan), "flexlora": FlexLoRA(plan), "flora": FLoRA(plan)}[method_name]
     base = {"m.base_layer.weight": torch.zeros(d, d)} if method_name == "flora" else {}
     server = method.server_init({**lora(r_max), **base})
@@ -166,7 +204,10 @@ def _method_inputs(method_name: str, seed: int):
 
 def bench_aggregation(out: Path) -> None:
     """Seconds per 4096 x 4096 module of each method's server aggregation, 10 clients."""
-    names = ["fedit", "ffa-lora", "fedsa-lora", "fed-alora", "hetlora", "flexlora", "flora", "fed-alora-decomposed", "hafl"]
+    names = [
+        "fedit", "ffa-lora", "fedsa-lora", "fed-alora", "hetlora", "flexlora", "flora", "fed-alora-decomposed", "hafl",
+        "rolora", "fedsvd", "fedex-lora", "fedit+scaffold", "fedit+fedadam",
+    ]  # fmt: skip
     per_module = {}
     for name in names:
         times = []
@@ -184,6 +225,8 @@ def bench_aggregation(out: Path) -> None:
             f"heterogeneous ranks {list(FLEX_RANKS)}; timed on {AGG_MODULES} modules",
             "seconds_per_module": per_module,
             "projected_seconds_for_7b_128_modules": {k: v * 128 for k, v in per_module.items()},
-            "note": "FLoRA's time includes merging the stack into the 4096 x 4096 base weight.",
+            "note": "FLoRA's and FedEx-LoRA's times include folding into the 4096 x 4096 base weight; FedSVD's its "
+            "re-factorisation (QR + SVD of the r x r core); fedit+scaffold the control-variate update, fedit+fedadam "
+            "the server optimiser's step after the mean.",
         },
     )

@@ -21,8 +21,12 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
 def test_methods_lists_every_method(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(["methods"], capsys)
     assert code == 0
-    for name in ("fedit", "ffa-lora", "fedsa-lora", "fed-alora", "fedavg-full", "fedavg-galore"):
+    from fedtune.methods import METHODS
+
+    for name in METHODS:
         assert any(line.startswith(name + " ") for line in out.splitlines()), name
+    for setting in ("server_opt.name=", "fedprox.mu=", "scaffold.enabled=true"):
+        assert setting in out
 
 
 def test_datasets_lists_builtins(capsys: pytest.CaptureFixture[str]) -> None:

@@ -88,3 +88,35 @@ def test_generation_eval_batches_match_single(tmp_path: Path) -> None:
     tokens = [int((collate([e], 0).labels[:, 1:] != -100).sum()) for e in examples]
     weighted = sum(s["loss"] * t for s, t in zip(singles, tokens)) / sum(tokens)
     assert together["loss"] == pytest.approx(weighted, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["method=rolora"], ["method=fedsvd"], ["method=fedex-lora"], ["method=fedit", "scaffold.enabled=true"],
+     ["method=fedit", "fedprox.mu=0.05"], ["method=fedsa-lora", "server_opt.name=fedadam", "server_opt.lr=0.01"]],
+    ids=["rolora", "fedsvd", "fedex-lora", "scaffold", "fedprox", "fedadam"],
+)  # fmt: skip
+def test_newer_baselines_on_minilm_20newsgroups(tmp_path: Path, extra: list[str]) -> None:
+    out = tmp_path / "run"
+    args = [
+        "run", f"data_dir={shared_data_dir()}", "model=minilm", "dataset=20newsgroups", "rounds=2", "clients=3",
+        "local_steps=2", "batch_size=8", "max_seq_len=48", "max_train_examples=150", "max_eval_examples=60",
+        "max_client_eval_examples=10", "lr=0.01", "precision=fp32", "progress=false", *extra, "--out", str(out),
+    ]  # fmt: skip
+    assert main(args) == 0
+    rows = read_metrics(out)
+    assert [r["round"] for r in rows] == [1, 2] and all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in rows)
+    base = load_model("minilm", "classification", num_labels=20, seed=0).model
+    if "method=fedex-lora" in extra:  # the residual and the adapter, merged into the target weights
+        from safetensors.torch import load_file
+
+        merged = load_file(str(out / "merged" / "merged_weights.safetensors"))
+        own = base.state_dict()
+        assert set(merged) <= set(own) and any(k.endswith("query.weight") for k in merged)
+        assert any(not torch.equal(v, own[k]) for k, v in merged.items() if k.endswith("query.weight"))
+    else:
+        adapted = PeftModel.from_pretrained(base, out / "adapter").eval()
+        with torch.no_grad():
+            logits = adapted(input_ids=torch.tensor([[101, 7592, 2088, 102]])).logits
+        assert logits.shape == (1, 20)

@@ -119,6 +119,12 @@ def cmd_methods(args: argparse.Namespace) -> int:
     width = max(len(n) for n in METHODS)
     for name in sorted(METHODS):
         print(f"{name:<{width}}  {METHODS[name].summary}")
+    print(
+        "\nWith any method that averages (see README, Methods):\n"
+        "  server_opt.name=fedavgm|fedadam|fedyogi|fedadagrad  a server optimiser on the averaged tensors\n"
+        "  fedprox.mu=MU                                       FedProx's proximal term in local training\n"
+        "  scaffold.enabled=true                               SCAFFOLD's control variates (mean-aggregating methods)"
+    )
     return EXIT_OK
 
 
