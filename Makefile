@@ -6,11 +6,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedtune-installed
 # The shared data folder beside the checkout, when it exists (CI and the dev machines have it).
 SHARED_DATA := $(abspath ../shared/data)
+# Offline mode only there: a newcomer with network and without that folder downloads models and
+# datasets from the Hub as usual (fedtune's own loaders still try the local copies first).
 ifneq ($(wildcard $(SHARED_DATA)/README.md),)
 export FEDTUNE_DATA_DIR ?= $(SHARED_DATA)
-endif
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
+endif
 export TOKENIZERS_PARALLELISM ?= false
 export FLWR_TELEMETRY_ENABLED ?= 0
 

@@ -112,3 +112,10 @@ def test_dtype_flag_sets_the_wire_precision_and_summary_totals(cls_file: Path, t
     assert (out / "plots" / "accuracy_vs_uplink_bytes.png").exists()
     code, _, err = run_cli(["run", *tiny_overrides(cls_file), "--dtype", "int8", "--out", str(tmp_path / "x")], capsys)
     assert code == 2 and "invalid choice" in err
+
+
+def test_no_module_imports_the_cli() -> None:
+    """The commands share fedtune.console; only the entry point imports fedtune.cli (no cycle)."""
+    src = Path(__file__).resolve().parents[1] / "src" / "fedtune"
+    importers = [p.name for p in src.rglob("*.py") if p.name != "cli.py" and ("fedtune.cli import" in p.read_text() or "import fedtune.cli" in p.read_text())]
+    assert importers == []

@@ -139,3 +139,36 @@ def test_a_fresh_process_prints_only_fedtunes_words(tmp_path: Path) -> None:
     ok = subprocess.run([*argv[:-3], "--out", str(tmp_path / "ok")], capture_output=True, text=True, env=env, timeout=300)
     assert ok.returncode == 0 and ok.stderr.strip() == "", ok.stderr
     assert json.loads((tmp_path / "ok" / "summary.json").read_text())["rounds"] == 2
+
+
+def test_makefile_turns_offline_mode_on_only_beside_a_local_data_copy(tmp_path: Path) -> None:
+    """A newcomer with network and no ../shared must reach the Hub; CI (with ../shared) stays offline."""
+    import shutil
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    shutil.copy(Path(__file__).resolve().parents[1] / "Makefile", checkout / "Makefile")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "FEDTUNE_DATA_DIR")}
+
+    def variables() -> str:
+        return subprocess.run(["make", "-pn", "setup"], cwd=checkout, env=env, capture_output=True, text=True).stdout
+
+    assert "HF_HUB_OFFLINE = 1" not in variables()
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "shared" / "data" / "README.md").write_text("data\n")
+    assert "HF_HUB_OFFLINE = 1" in variables() and "FEDTUNE_DATA_DIR = $(SHARED_DATA)" in variables()
+
+
+def test_a_run_prints_only_fedtune_words(tmp_path: Path) -> None:
+    """No library notices at start-up (bitsandbytes' optional-kernel note, deprecation warnings)."""
+    data = write_classification_jsonl(tmp_path / "rows.jsonl")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    done = subprocess.run(
+        [sys.executable, "-m", "fedtune.cli", "run", *tiny_overrides(data, progress="false"), "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert done.stdout.splitlines()[0].startswith("method ") and "run directory" in done.stdout.splitlines()[-1]

@@ -81,10 +81,16 @@ def test_glue_gsm8k_and_generic_hub_ids(monkeypatch: pytest.MonkeyPatch) -> None
     assert reviews.source == "hub:someone/reviews"
 
 
-def test_builtin_without_local_copy_and_no_hub_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("offline_mode", "why"), [(False, "the Hub is unreachable"), (True, "Hub access is off .*unset it")])
+def test_builtin_without_local_copy_and_no_hub_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, offline_mode: bool, why: str) -> None:
     def offline(*args, **kwargs):
         raise ConnectionError("offline")
 
     monkeypatch.setattr(sources.datasets, "load_dataset", offline)
-    with pytest.raises(sources.UsageError, match="no local copy .* Hub is unreachable"):
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if offline_mode:
+            monkeypatch.setenv(key, "1")
+        else:
+            monkeypatch.delenv(key, raising=False)
+    with pytest.raises(sources.UsageError, match=f"no local copy \\(set data_dir= or FEDTUNE_DATA_DIR to a folder with .*\\) and {why}"):
         load_task("gsm8k")

@@ -19,8 +19,8 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
+from fedtune.console import format_summary, quiet_libraries, split_config_and_overrides
 from fedtune.errors import UsageError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -33,25 +33,12 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def _split_config_and_overrides(items: Sequence[str]) -> tuple[str | None, list[str]]:
-    config = None
-    overrides = []
-    for item in items:
-        if "=" in item:
-            overrides.append(item)
-        elif config is None:
-            config = item
-        else:
-            raise UsageError(f"unexpected argument {item!r}: give one config file and key=value overrides")
-    return config, overrides
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from fedtune.config import load_config
     from fedtune.data.federated import plan_partitions
     from fedtune.rundir import RunDir, check_run_dir
 
-    config_path, overrides = _split_config_and_overrides(args.items)
+    config_path, overrides = split_config_and_overrides(args.items)
     if args.dtype:
         overrides.append(f"wire_dtype={args.dtype}")
     out = Path(args.out)
@@ -78,39 +65,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise
     print(format_summary(summary, out))
     return EXIT_OK
-
-
-def format_summary(summary: dict[str, Any], out: Path) -> str:
-    """The table printed at the end of a run (fields a runtime did not record are left out)."""
-    rows = [
-        ("method", summary["method"] + (f" ({summary['runtime']})" if summary.get("runtime") else "")),
-        ("model / dataset", f"{summary['model']} / {summary['dataset']}"),
-        ("rounds x clients", f"{summary['rounds']} x {summary['clients']}"),
-    ]
-    for key, value in summary.get("final", {}).items():
-        rows.append((f"final {key}", f"{value:.4f}" if isinstance(value, float) else str(value)))
-    best = summary.get("best", {})
-    if best.get("round") is not None:
-        rows.append((f"best {summary['primary_metric']}", f"{best[summary['primary_metric']]:.4f} (round {best['round']})"))
-    rows.append(("trainable / shared params", f"{summary['trainable_params']:,} / {summary['shared_params']:,}"))
-    rows.append(("uplink total", _human_bytes(summary["total_bytes_up"])))
-    rows.append(("downlink total", _human_bytes(summary["total_bytes_down"])))
-    for key in ("failed_replies", "rejected_replies"):
-        if summary.get(key):
-            rows.append((key.replace("_", " "), str(summary[key])))
-    if "wall_seconds" in summary:
-        rows.append(("wall time", f"{summary['wall_seconds']:.1f} s"))
-    rows.append(("run directory", str(out)))
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
-
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return f"{n} B"
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -169,7 +123,7 @@ def cmd_multitask(args: argparse.Namespace) -> int:
     from fedtune.multitask.train import prepare, run_multitask
     from fedtune.rundir import RunDir, check_run_dir
 
-    config_path, overrides = _split_config_and_overrides(args.items)
+    config_path, overrides = split_config_and_overrides(args.items)
     config = load_multitask_config(config_path, overrides)
     out = Path(args.out)
     check_run_dir(out, args.overwrite)
@@ -216,25 +170,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_flower_commands(sub, _Parser)
     add_study_command(sub)
     return parser
-
-
-def quiet_libraries() -> None:
-    """Only fedtune's own words on stderr, where one-line errors must stay one line.
-
-    fedtune draws its own progress bars and reports bad input itself; the libraries' per-file
-    bars, their logged parse errors (which fedtune turns into its one-line error), bitsandbytes'
-    note about an optional CPU kernel package, and deprecations inside the libraries' own calls
-    are noise to a fedtune user."""
-    import logging
-    import warnings
-
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|torch)\.")
-    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*")
 
 
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:

@@ -370,10 +370,12 @@ def load_task(
         except UsageError:
             raise
         except Exception as err:
-            first = f"{type(err).__name__}: {err}".splitlines()[0]
-            raise UsageError(
-                f"{dataset}: no local copy (set data_dir= or FEDTUNE_DATA_DIR) and the Hub is unreachable ({first})"
-            ) from None
+            files = ", ".join(spec.local_files)
+            if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+                why = "Hub access is off (HF_HUB_OFFLINE=1); unset it to download"
+            else:
+                why = f"the Hub is unreachable ({f'{type(err).__name__}: {err}'.splitlines()[0][:160]})"
+            raise UsageError(f"{dataset}: no local copy (set data_dir= or FEDTUNE_DATA_DIR to a folder with {files}) and {why}") from None
     if dataset.startswith("glue/"):
         glue = sorted(name for name in BUILTINS if name.startswith("glue/"))
         raise UsageError(f"unsupported GLUE task {dataset!r}; supported: {', '.join(glue)}")

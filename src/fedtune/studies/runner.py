@@ -107,7 +107,7 @@ def _limit_threads(threads: int) -> None:
     """A worker process's set-up: its share of the cores, and the parent's quiet libraries."""
     import torch
 
-    from fedtune.cli import quiet_libraries
+    from fedtune.console import quiet_libraries
 
     torch.set_num_threads(threads)
     quiet_libraries()

@@ -16,15 +16,15 @@ from typing import Any
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from fedtune.cli import _split_config_and_overrides
     from fedtune.config import load_config
+    from fedtune.console import split_config_and_overrides
 
-    path, overrides = _split_config_and_overrides(args.items)
+    path, overrides = split_config_and_overrides(args.items)
     return load_config(path, overrides)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from fedtune.cli import format_summary
+    from fedtune.console import format_summary
     from fedtune.data.federated import plan_partitions
     from fedtune.errors import UsageError
     from fedtune.rundir import RunDir, check_run_dir

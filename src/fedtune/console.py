@@ -1,0 +1,76 @@
+"""What fedtune's commands share: reading their arguments, printing a run's summary, and
+keeping third-party libraries quiet. Here rather than in ``cli.py`` so that every command
+module (``fedtune run``, ``fedtune flower ...``, the studies) imports it without importing the CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fedtune.errors import UsageError
+
+
+def split_config_and_overrides(items: Sequence[str]) -> tuple[str | None, list[str]]:
+    config = None
+    overrides = []
+    for item in items:
+        if "=" in item:
+            overrides.append(item)
+        elif config is None:
+            config = item
+        else:
+            raise UsageError(f"unexpected argument {item!r}: give one config file and key=value overrides")
+    return config, overrides
+
+
+def format_summary(summary: dict[str, Any], out: Path) -> str:
+    """The table printed at the end of a run (fields a runtime did not record are left out)."""
+    rows = [
+        ("method", summary["method"] + (f" ({summary['runtime']})" if summary.get("runtime") else "")),
+        ("model / dataset", f"{summary['model']} / {summary['dataset']}"),
+        ("rounds x clients", f"{summary['rounds']} x {summary['clients']}"),
+    ]
+    for key, value in summary.get("final", {}).items():
+        rows.append((f"final {key}", f"{value:.4f}" if isinstance(value, float) else str(value)))
+    best = summary.get("best", {})
+    if best.get("round") is not None:
+        rows.append((f"best {summary['primary_metric']}", f"{best[summary['primary_metric']]:.4f} (round {best['round']})"))
+    rows.append(("trainable / shared params", f"{summary['trainable_params']:,} / {summary['shared_params']:,}"))
+    rows.append(("uplink total", human_bytes(summary["total_bytes_up"])))
+    rows.append(("downlink total", human_bytes(summary["total_bytes_down"])))
+    for key in ("failed_replies", "rejected_replies"):
+        if summary.get(key):
+            rows.append((key.replace("_", " "), str(summary[key])))
+    if "wall_seconds" in summary:
+        rows.append(("wall time", f"{summary['wall_seconds']:.1f} s"))
+    rows.append(("run directory", str(out)))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n} B"
+
+
+def quiet_libraries() -> None:
+    """Only fedtune's own words on stderr, where one-line errors must stay one line.
+
+    fedtune draws its own progress bars and reports bad input itself; the libraries' per-file
+    bars, their logged parse errors (which fedtune turns into its one-line error), bitsandbytes'
+    note about an optional CPU kernel package, and deprecations inside the libraries' own calls
+    are noise to a fedtune user."""
+    import logging
+    import warnings
+
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|torch)\.")
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*")
