@@ -82,6 +82,15 @@ def write_performance_report(results: Path, target: Path) -> Path:
             f"(budget {r['budget_mb']:.0f} MB = RSS_2 + 100 × adapter + 200 MB: {'met' if r['passed'] else 'NOT met'}); "
             f"the 100 clients' personal state totals {_mib(r['client_state_bytes_100'])}.",
         )
+    if r := _load(results, "gradient_checkpointing_memory"):
+        w, c = r["without"], r["with"]
+        lines += _section(
+            "Activation memory: gradient_checkpointing",
+            f"{r['job']} ({w['precision']}): the turn's extra peak memory {w['turn_extra_peak_mb']:.0f} MB without, "
+            f"{c['turn_extra_peak_mb']:.0f} MB with checkpointing (×{r['extra_peak_ratio']:.2f}); the turn took "
+            f"{w['turn_seconds']:.1f} s vs {c['turn_seconds']:.1f} s (×{r['time_ratio']:.2f}). Peak RSS after loading "
+            f"{w['peak_after_load_mb']:.0f} MB. {r['definition']}.",
+        )
     if r := _load(results, "flexlora_aggregation"):
         lines += _section(
             "FlexLoRA on 7B-shaped adapters",

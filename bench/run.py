@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from aggregation_bench import bench_aggregation, bench_flexlora, flexlora_memory_child  # noqa: E402
+from checkpointing_bench import bench_checkpointing, checkpointing_child  # noqa: E402
 from common import ROOT  # noqa: E402
 from communication_bench import bench_bytes  # noqa: E402
 from flower_bench import bench_flower  # noqa: E402
@@ -40,10 +41,11 @@ from training_bench import bench_reload, bench_throughput  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    parser.add_argument("--only", nargs="*", default=None, help="overhead, throughput, precision, reload, memory, flexlora, aggregation, bytes, flower, gpu")
+    parser.add_argument("--only", nargs="*", default=None, help="overhead, throughput, precision, reload, memory, checkpointing, flexlora, aggregation, bytes, flower, gpu")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the default job for the overhead benchmark")
     parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--checkpointing-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--flex-memory-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dense-modules", type=int, default=3, help="modules timed with the dense SVD reference")
     args = parser.parse_args()
@@ -51,16 +53,21 @@ def main() -> None:
     if args.memory_child is not None:
         memory_child(args.memory_child, Path(args.child_out))
         return
+    if args.checkpointing_child is not None:
+        checkpointing_child(args.checkpointing_child, Path(args.child_out))
+        return
     if args.flex_memory_child is not None:
         flexlora_memory_child(args.flex_memory_child, Path(args.child_out))
         return
     out = Path(args.out)
-    everything = ["overhead", "throughput", "precision", "reload", "memory", "flexlora", "aggregation", "bytes", "flower", "gpu"]
+    everything = ["overhead", "throughput", "precision", "reload", "memory", "checkpointing", "flexlora", "aggregation", "bytes", "flower", "gpu"]
     chosen = set(args.only or everything)
     if "overhead" in chosen:
         bench_overhead(out, args.rounds)
     if "memory" in chosen:
         bench_memory(out)
+    if "checkpointing" in chosen:
+        bench_checkpointing(out)
     if "flexlora" in chosen:
         bench_flexlora(out, args.dense_modules)
     if "bytes" in chosen:

@@ -142,6 +142,9 @@ class RunConfig(ConfigSection):
     #: AVX512-BF16 or AMX), fp32 elsewhere; trainable tensors, optimizer state, aggregation and
     #: the wire stay float32 either way
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    #: recompute each layer's activations in the backward pass instead of keeping them:
+    #: less client memory, about one more forward pass of time; same gradients
+    gradient_checkpointing: bool = False
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: all cores)")
     eval_every: int = Field(1, gt=0)
     personalised_eval: bool = True

@@ -170,6 +170,17 @@ def check_sequence_length(loaded: LoadedModel, max_seq_len: int) -> None:
         raise UsageError(f"max_seq_len={max_seq_len} exceeds the {limit} positions of model {loaded.name_or_path}")
 
 
+def enable_gradient_checkpointing(loaded: LoadedModel) -> None:
+    """transformers' own (activation) checkpointing of every layer, non-reentrant: it works with a frozen base
+    (LoRA: no input needs grad) and keeps the RNG state, so dropout masks and gradients match a
+    run without it."""
+    model = loaded.model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise UsageError(f"model {loaded.name_or_path} does not support gradient_checkpointing")
+    base.activation_checkpointing_enable({"use_reentrant": False})  # transformers 5's name for it
+
+
 def check_method_config(method: FederatedMethod, config: RunConfig) -> None:
     """Settings a method cannot honour, refused before anything is loaded or written."""
     if config.server_opt.name != "none" and method.server_opt_refusal:
@@ -197,6 +208,8 @@ def build_federation(
         check_sequence_length(loaded, config.max_seq_len)
     binding = bind_model(method, loaded, task.kind, config)
     binding.to(device)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(loaded)
     data = encode_plan(plan, loaded.encoder, config.max_seq_len, only_clients, global_test)
     precision = resolve_precision(config.precision, device)
     return Federation(config, method, data, loaded, binding, device, WIRE_DTYPES[config.wire_dtype], precision)
