@@ -40,6 +40,7 @@ MALICIOUS = {
     "method": "fedit",
     "fraction": 1.0,
     "flower.inject_faults": "[impersonate:1,unknown_id:2,garbage_array:3]",
+    "tracking": "[tensorboard]",  # the Flower server logs to the trackers as the simulator does
 }
 FLOWER = {"flower.client_cpus": 2, "fraction": 0.75}
 #: an image job: a tiny ViT on an image folder
@@ -143,6 +144,11 @@ def test_malicious_clientapps_are_rejected_and_the_run_completes(flower_runs: di
     state = load_file(str(out / "checkpoint" / "server.safetensors"))
     assert all(torch.isfinite(v).all() for v in state.values())
     assert json.loads((out / "summary.json").read_text())["rejected_replies"] == 6
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("rejected_replies")] == [(1, 3.0), (2, 3.0)]
 
 
 def _completed_round(checkpoint: Path) -> int:

@@ -51,6 +51,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         config = load_config(config_path, overrides)
         check_run_dir(out, args.overwrite)
+    from fedtune.tracking import check_backends
+
+    check_backends(config.tracking)
     plan = plan_partitions(config)  # bad data input fails here, before any model loads
 
     from fedtune.runtime.engine import build_federation

@@ -145,6 +145,10 @@ class RunConfig(ConfigSection):
     #: recompute each layer's activations in the backward pass instead of keeping them:
     #: less client memory, about one more forward pass of time; same gradients
     gradient_checkpointing: bool = False
+    #: experiment trackers to log to (see fedtune.tracking): any of tensorboard, mlflow, wandb
+    tracking: list[Literal["tensorboard", "mlflow", "wandb"]] = []
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else RUN_DIR/mlflow)")
+    tracking_project: str = Field("fedtune", min_length=1, description="MLflow experiment / W&B project name")
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: all cores)")
     eval_every: int = Field(1, gt=0)
     personalised_eval: bool = True

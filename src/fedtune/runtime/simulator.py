@@ -33,6 +33,7 @@ from fedtune.runtime.evaluation import PRIMARY_METRIC
 from fedtune.runtime.server import FederatedServer, Reply, round_row
 from fedtune.runtime.store import ClientCheckpoint, ClientStateStore
 from fedtune.state import State, through_wire
+from fedtune.tracking import Trackers
 
 
 class Simulator:
@@ -147,13 +148,23 @@ class Simulator:
 
     # -- the whole run ----------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict[str, Any]:
-        config, fed = self.config, self.fed
         run_start = time.perf_counter()
         done = self._restore() if resume else 0
         if self.run_dir:
-            self.run_dir.write_config(dump_config(config))
+            self.run_dir.write_config(dump_config(self.config))
             if self.method.uses_lora and done == 0:
                 self._save_initial_states()
+        trackers = Trackers.open(self.config, self.run_dir.path if self.run_dir else None, resumed=resume)
+        try:
+            summary = self._rounds(done, run_start, trackers)
+        except BaseException:
+            trackers.close()  # the trackers' runs end as failed; the error is the run's
+            raise
+        trackers.finish(summary)
+        return summary
+
+    def _rounds(self, done: int, run_start: float, trackers: Trackers) -> dict[str, Any]:
+        config, fed = self.config, self.fed
         primary = PRIMARY_METRIC[fed.data.task.metric]
         cumulative_up = sum(r["bytes_up"] for r in self.history)
         cumulative_down = sum(r["bytes_down"] for r in self.history)
@@ -169,6 +180,7 @@ class Simulator:
             self.history.append(row)
             if self.run_dir:
                 self.run_dir.append_metrics(row)
+                trackers.round(row)
                 self._checkpoint()
                 self.run_dir.commit()  # the new run has really started: the run it replaced goes
             if primary in row:

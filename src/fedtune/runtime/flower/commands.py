@@ -31,7 +31,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedtune.runtime.engine import build_federation
     from fedtune.runtime.flower.simulate import simulate
 
+    from fedtune.tracking import check_backends
+
     config = _config(args)
+    check_backends(config.tracking)
     if config.flower.node_partitions:
         raise UsageError("flower.node_partitions names deployed SuperNodes; the simulation engine makes its own nodes")
     out = Path(args.out)

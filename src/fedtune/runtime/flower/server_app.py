@@ -24,22 +24,26 @@ from fedtune.runtime.engine import build_federation, describe
 from fedtune.runtime.evaluation import PRIMARY_METRIC
 from fedtune.runtime.flower.strategy import FedtuneStrategy
 from fedtune.runtime.server import FederatedServer
+from fedtune.tracking import Trackers, check_backends
 
 log = logging.getLogger("fedtune.flower.server")
 
 
 def run_server(grid: Grid, config: RunConfig, out: Path, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """One Flower run end to end on the server: rounds, checkpoints, run directory, exports."""
+    check_backends(config.tracking)
     fed = build_federation(config, only_clients=set(), global_test=True)  # all checks before the run dir
     run_dir = RunDir.resume(out, config) if resume and out.is_dir() else RunDir.create(out, overwrite)
+    trackers = Trackers.open(config, out, resumed=resume)
     try:
-        return _run(grid, config, out, run_dir, fed, resume)
+        return _run(grid, config, out, run_dir, fed, resume, trackers)
     except BaseException:
+        trackers.close()
         run_dir.restore()  # failed before its first round: the replaced run comes back
         raise
 
 
-def _run(grid: Grid, config: RunConfig, out: Path, run_dir: RunDir, fed: Any, resume: bool) -> dict[str, Any]:
+def _run(grid: Grid, config: RunConfig, out: Path, run_dir: RunDir, fed: Any, resume: bool, trackers: Trackers) -> dict[str, Any]:
     server = FederatedServer(fed, checkpoint_dir=out / "checkpoint")
     start_round = 1
     history: list[dict[str, Any]] = []
@@ -64,6 +68,7 @@ def _run(grid: Grid, config: RunConfig, out: Path, run_dir: RunDir, fed: Any, re
         row["cumulative_bytes_up"], row["cumulative_bytes_down"] = cumulative
         history.append(row)
         run_dir.append_metrics(row)
+        trackers.round(row)
         run_dir.commit()
         log.info("round %d: %s", row["round"], {k: v for k, v in row.items() if k in PRIMARY_METRIC.values()})
 
@@ -93,6 +98,7 @@ def _run(grid: Grid, config: RunConfig, out: Path, run_dir: RunDir, fed: Any, re
     }
     run_dir.write_summary(summary)
     plot_run(history, out / "plots", primary, title=f"{fed.method.name} (flower)")
+    trackers.finish(summary)
     return summary
 
 
