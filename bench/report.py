@@ -91,6 +91,11 @@ def write_performance_report(results: Path, target: Path) -> Path:
             f"{w['turn_seconds']:.1f} s vs {c['turn_seconds']:.1f} s (×{r['time_ratio']:.2f}). Peak RSS after loading "
             f"{w['peak_after_load_mb']:.0f} MB. {r['definition']}.",
         )
+    if r := _load(results, "quantized_base_memory"):
+        lines += ["## Quantised base models", "", r["definition"] + ".", "", "| model | float32 MiB | 8bit MiB | 4bit MiB |", "|---|---|---|---|"]
+        for name, mib in r["mib"].items():
+            lines.append(f"| {name} | {mib['none']:.0f} | {mib['8bit']:.0f} (×{mib['8bit'] / mib['none']:.2f}) | {mib['4bit']:.0f} (×{mib['4bit'] / mib['none']:.2f}) |")
+        lines.append("")
     if r := _load(results, "flexlora_aggregation"):
         lines += _section(
             "FlexLoRA on 7B-shaped adapters",

@@ -33,6 +33,7 @@ from communication_bench import bench_bytes  # noqa: E402
 from flower_bench import bench_flower  # noqa: E402
 from gpu_bench import bench_gpu  # noqa: E402
 from precision_bench import bench_precision  # noqa: E402
+from quantize_bench import bench_quantize  # noqa: E402
 from report import write_performance_report  # noqa: E402
 from simulator_bench import bench_memory, bench_overhead, memory_child  # noqa: E402
 from training_bench import bench_reload, bench_throughput  # noqa: E402
@@ -41,7 +42,7 @@ from training_bench import bench_reload, bench_throughput  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    parser.add_argument("--only", nargs="*", default=None, help="overhead, throughput, precision, reload, memory, checkpointing, flexlora, aggregation, bytes, flower, gpu")
+    parser.add_argument("--only", nargs="*", default=None, help="overhead, throughput, precision, reload, memory, checkpointing, quantize, flexlora, aggregation, bytes, flower, gpu")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the default job for the overhead benchmark")
     parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
@@ -60,7 +61,7 @@ def main() -> None:
         flexlora_memory_child(args.flex_memory_child, Path(args.child_out))
         return
     out = Path(args.out)
-    everything = ["overhead", "throughput", "precision", "reload", "memory", "checkpointing", "flexlora", "aggregation", "bytes", "flower", "gpu"]
+    everything = ["overhead", "throughput", "precision", "reload", "memory", "checkpointing", "quantize", "flexlora", "aggregation", "bytes", "flower", "gpu"]
     chosen = set(args.only or everything)
     if "overhead" in chosen:
         bench_overhead(out, args.rounds)
@@ -68,6 +69,8 @@ def main() -> None:
         bench_memory(out)
     if "checkpointing" in chosen:
         bench_checkpointing(out)
+    if "quantize" in chosen:
+        bench_quantize(out)
     if "flexlora" in chosen:
         bench_flexlora(out, args.dense_modules)
     if "bytes" in chosen:

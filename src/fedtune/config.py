@@ -145,6 +145,9 @@ class RunConfig(ConfigSection):
     #: recompute each layer's activations in the backward pass instead of keeping them:
     #: less client memory, about one more forward pass of time; same gradients
     gradient_checkpointing: bool = False
+    #: load the frozen base through bitsandbytes (LoRA methods): 4bit = QLoRA's NF4 with double
+    #: quantisation and bf16 compute, 8bit = LLM.int8; heads and adapters stay float32
+    quantize: Literal["none", "4bit", "8bit"] = "none"
     #: experiment trackers to log to (see fedtune.tracking): any of tensorboard, mlflow, wandb
     tracking: list[Literal["tensorboard", "mlflow", "wandb"]] = []
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else RUN_DIR/mlflow)")

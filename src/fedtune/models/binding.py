@@ -194,7 +194,8 @@ class ModelBinding:
         return state
 
     def to(self, device: torch.device) -> ModelBinding:
-        self.model.to(device)
+        if not getattr(self.model, "is_quantized", False):  # a quantised base was loaded on its device
+            self.model.to(device)
         return self
 
     def export(self, state: Mapping[str, torch.Tensor], out_dir: Path, tokenizer: Any | None = None) -> None:

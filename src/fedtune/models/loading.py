@@ -142,6 +142,54 @@ def _from_pretrained(path: str | Path, task: TaskKind, num_labels: int, **kwargs
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
 
 
+#: heads fedtune trains stay in float: bitsandbytes layers have no trainable weight
+QUANTIZE_SKIP = ["classifier", "score", "lm_head"]
+
+
+def quantization_config(mode: str) -> Any:
+    """QLoRA's settings for ``4bit`` (NF4, double quantisation, bf16 compute) or LLM.int8 for ``8bit``."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UsageError(f"quantize={mode} needs bitsandbytes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    if mode == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=QUANTIZE_SKIP,
+        )  # fmt: skip
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=QUANTIZE_SKIP)
+
+
+def _quantized(model: torch.nn.Module, task: TaskKind, num_labels: int, mode: str, device: str) -> torch.nn.Module:
+    """A model built in memory (tiny random configs), reloaded through bitsandbytes: its
+    quantisation happens in ``from_pretrained`` only."""
+    with tempfile.TemporaryDirectory(prefix="fedtune-quantize-") as folder:
+        model.save_pretrained(folder)
+        return _from_pretrained(folder, task, num_labels, quantization_config=quantization_config(mode), device_map={"": device})
+
+
+def prepare_quantized(model: torch.nn.Module, mode: str, device: str) -> None:
+    """Two limits of bitsandbytes' CPU 4-bit path, handled before training starts:
+
+    - its kernels pack weights in blocks of 64 input features; a narrower layer fails deep in
+      its forward pass, so it is refused here, by name;
+    - on the first eval-mode forward it repacks each weight into an inference-only layout
+      (AVX512-BF16) and never unpacks it, after which training on that layer fails. fedtune
+      evaluates between training rounds, so that repacking is switched off."""
+    if mode != "4bit" or device != "cpu":
+        return
+    import bitsandbytes as bnb
+
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            if module.in_features % 64:
+                raise UsageError(
+                    f"quantize=4bit on CPU needs linear layers whose input width is a multiple of 64 (bitsandbytes' "
+                    f"block); {name} takes {module.in_features} (use quantize=8bit or a CUDA device)"
+                )
+            module.support_avx512bf16_for_cpu = False
+
+
 def _quiet_transformers() -> None:
     # "newly initialized classifier" reports are expected here: heads are trained federatedly.
     transformers.logging.set_verbosity_error()
@@ -150,13 +198,17 @@ def _quiet_transformers() -> None:
 
 
 def load_model(
-    spec: str, task: TaskKind, num_labels: int = 0, seed: int = 0, modality: str = "text", image_size: int | None = None
+    spec: str, task: TaskKind, num_labels: int = 0, seed: int = 0, modality: str = "text", image_size: int | None = None,
+    quantize: str = "none", device: str = "cpu",
 ) -> LoadedModel:
-    """The base model (float32, eval mode) and tokenizer (text) or image spec for ``spec``.
+    """The base model (float32, eval mode; or its linear layers quantised by bitsandbytes on
+    ``device`` when ``quantize`` is 4bit or 8bit) and tokenizer (text) or image spec for ``spec``.
 
     Random parts (a new classification head, tiny models) are initialised from ``seed``.
     """
     _quiet_transformers()
+    if quantize != "none" and modality == "image":
+        raise UsageError(f"quantize={quantize} is for text models; image models train on a float32 base")
     if modality == "image":
         if spec in BUILTIN_MODELS and spec not in BUILTIN_VISION_MODELS:
             raise UsageError(f"model {spec!r} is a text model and the dataset holds images; image models: {', '.join(BUILTIN_VISION_MODELS)} or a Hub id")
@@ -174,6 +226,8 @@ def load_model(
         config = _tiny_config(spec, len(tokenizer), task, num_labels, tokenizer.pad_token_id)
         torch.manual_seed(seed)
         model = _build(config, task)
+        if quantize != "none":
+            model = _quantized(model, task, num_labels, quantize, device)
         name_or_path = spec
     else:
         path, gguf_file = _resolve(spec)
@@ -184,6 +238,8 @@ def load_model(
             config = AutoConfig.from_pretrained(path, **kwargs)
             if getattr(config, "pad_token_id", None) is None:
                 kwargs["pad_token_id"] = tokenizer.pad_token_id
+            if quantize != "none":
+                kwargs.update(quantization_config=quantization_config(quantize), device_map={"": device})
             torch.manual_seed(seed)
             model = _from_pretrained(path, task, num_labels, **kwargs)
         except (OSError, ValueError) as err:
@@ -192,6 +248,8 @@ def load_model(
         name_or_path = str(path)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if quantize != "none":
+        prepare_quantized(model, quantize, device)
     model.eval()
     return LoadedModel(model, tokenizer, name_or_path, model.config.model_type)
 

@@ -185,6 +185,10 @@ def check_method_config(method: FederatedMethod, config: RunConfig) -> None:
     """Settings a method cannot honour, refused before anything is loaded or written."""
     if config.server_opt.name != "none" and method.server_opt_refusal:
         raise UsageError(f"server_opt.name={config.server_opt.name} has no meaning for {method.name}: {method.server_opt_refusal}")
+    if config.quantize != "none" and not method.uses_lora:
+        raise UsageError(f"quantize={config.quantize} keeps the base frozen in 4/8 bits; {method.name} trains the base weights (use a LoRA method)")
+    if config.quantize != "none" and method.binds_base_weights:
+        raise UsageError(f"quantize={config.quantize}: {method.name} merges updates into the base weights, which a quantised base cannot hold")
     if config.dp.noise_multiplier > 0 and not method.aggregates_by_mean:
         mean_methods = sorted(n for n, m in METHODS.items() if m.aggregates_by_mean)
         raise UsageError(f"central DP needs a mean-aggregating method ({', '.join(mean_methods)}), not {method.name}")
@@ -203,7 +207,10 @@ def build_federation(
     device = pick_device(config.device)
     method = build_method(config)
     check_method_config(method, config)
-    loaded = load_model(config.model, task.kind, task.num_labels, seed=config.seed, modality=task.modality, image_size=config.image_size)
+    loaded = load_model(
+        config.model, task.kind, task.num_labels, seed=config.seed, modality=task.modality, image_size=config.image_size,
+        quantize=config.quantize, device=str(device),
+    )  # fmt: skip
     if task.modality == "text":
         check_sequence_length(loaded, config.max_seq_len)
     binding = bind_model(method, loaded, task.kind, config)
@@ -280,4 +287,7 @@ def describe(fed: Federation) -> dict[str, Any]:
         "total_params": sum(p.numel() for p in fed.binding.model.parameters()),
         "client_examples": [c.num_examples for c in fed.data.clients],
         "precision": fed.precision,
+        "quantize": fed.config.quantize,
+        # the model's parameters and buffers as stored (base and adapters; 4-bit weights at half a byte)
+        "model_bytes": sum(t.numel() * t.element_size() for t in (*fed.loaded.model.parameters(), *fed.loaded.model.buffers())),
     }
