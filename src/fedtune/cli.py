@@ -4,6 +4,7 @@
     fedtune methods
     fedtune datasets
     fedtune analyze RUN_DIR [--against RUN_DIR2] [--out DIR]
+    fedtune eval RUN_DIR --tasks piqa arc-e gsm8k ... [--max-examples N]
     fedtune multitask [CONFIG.yaml] [key=value ...] --out DIR [--overwrite]
     fedtune flower simulate|app|tls|gateway|node-key ...   (see runtime/flower/commands.py)
     fedtune study STUDY --out DIR [--size cpu|gpu] [--seeds ...] [--report docs/results]
@@ -138,6 +139,16 @@ def cmd_multitask(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Score a finished run's base, global and personal models on built-in tasks."""
+    from fedtune.scoring import score_run
+
+    run_dir = Path(args.run_dir)
+    print(score_run(run_dir, list(dict.fromkeys(args.tasks)), args.max_examples, args.device, args.data_dir), end="")
+    print(f"written to {run_dir / 'eval'}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedtune", description="Federated fine-tuning of large language models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -162,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--top-j", type=int, help="singular vectors kept on the right of each pair (default: full rank)")
     analyze.add_argument("--dw-side", choices=("column", "row"), default="column", help="compare ΔW's column or row spaces")
     analyze.set_defaults(func=cmd_analyze)
+    scoring = sub.add_parser("eval", help="score a finished run's models on built-in tasks (RUN_DIR/eval)")
+    scoring.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory")
+    scoring.add_argument("--tasks", nargs="+", required=True, metavar="TASK", help="built-in tasks (see fedtune datasets)")
+    scoring.add_argument("--max-examples", type=int, help="score at most N test examples per task (a seeded sample)")
+    scoring.add_argument("--data-dir", help="where the tasks' local copies are (default: the run's data_dir, FEDTUNE_DATA_DIR)")
+    scoring.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to evaluate")
+    scoring.set_defaults(func=cmd_eval)
     multitask = sub.add_parser("multitask", help="centralised multi-task fine-tuning: ALoRA, HydraLoRA or LoRA")
     multitask.add_argument("items", nargs="*", metavar="CONFIG.yaml|key=value", help="a config file and/or overrides")
     multitask.add_argument("--out", required=True, help="run directory to write")

@@ -69,6 +69,11 @@ def plan_partitions(config: Any) -> PartitionPlan:
     task = load_tasks(config.dataset, config.data_dir, fields, config.task, config.seed, config.test_dataset)
     if config.task != "auto" and config.task != task.kind:
         raise UsageError(f"dataset {config.dataset!r} is a {task.kind} task, not {config.task}")
+    if len(task.train) == 0:
+        raise UsageError(
+            f"dataset {config.dataset!r} has no training rows (a test set only): score a run on it with "
+            f"`fedtune eval RUN_DIR --tasks {config.dataset}`, or give it as test_dataset= beside a training set"
+        )
     train = _cap(task.train, config.max_train_examples, config.seed)
     if config.partition == "natural":
         by = config.partition_by or task.natural_key or "label"

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fedtune.data.builtin.gsm8k import final_number
+from fedtune.data.builtin.gsm8k import final_answer
 from fedtune.data.encode import IGNORE_INDEX, Example, collate
 from fedtune.runtime.local_training import autocast
 
@@ -148,7 +148,7 @@ def evaluate_exact_match(
             )
         for row, e in enumerate(chunk):
             text = tokenizer.decode(out[row, length:], skip_special_tokens=True)  # type: ignore[attr-defined]
-            correct += int(final_number(text) == e.final and e.final != "")
+            correct += int(final_answer(text, e.final) == e.final and e.final != "")
     return {"exact_match": correct / max(len(examples), 1)}
 
 

@@ -27,6 +27,22 @@ def final_number(text: str) -> str:
     return str(int(as_float)) if as_float.is_integer() else str(as_float)
 
 
+_OPTION = (re.compile(r"answer is\s*\(?([A-E])\b"), re.compile(r"\(([A-E])\)"), re.compile(r"\b([A-E])\b"))
+
+
+def final_answer(text: str, expected: str) -> str:
+    """The final answer of a generation in the form of ``expected``: an option letter A-E
+    (AQuA: "the answer is (D)", else the last "(D)", else the last standalone letter) or a
+    number (:func:`final_number`)."""
+    if len(expected) == 1 and expected in "ABCDE":
+        for pattern in _OPTION:
+            found = pattern.findall(text)
+            if found:
+                return found[-1]
+        return ""
+    return final_number(text)
+
+
 def _gsm8k_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         {"prompt": r["question"], "response": r["answer"], "category": "math", "final": final_number(r["answer"])}

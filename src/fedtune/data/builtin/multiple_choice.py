@@ -40,13 +40,18 @@ MC_TASKS: dict[str, MultipleChoiceTask] = {
     "arc-e": MultipleChoiceTask("ARC-Easy", "allenai/ai2_arc", "ARC-Easy"),
     "arc-c": MultipleChoiceTask("ARC-Challenge", "allenai/ai2_arc", "ARC-Challenge"),
     "openbookqa": MultipleChoiceTask("openbookqa", "allenai/openbookqa", "main"),
+    # seed 000's commonsense suite: test sets only in the local copy (evaluation tasks)
+    "piqa": MultipleChoiceTask("piqa", "ybisk/piqa", None),
+    "social-iqa": MultipleChoiceTask("social_i_qa", "allenai/social_i_qa", None),
+    "winogrande": MultipleChoiceTask("winogrande", "allenai/winogrande", "winogrande_xl"),
 }
 
 
 def _mc_local(name: str) -> Callable[[Path], TaskData]:
     def load(root: Path) -> TaskData:
         folder = root / "llm_adapters" / "dataset" / MC_TASKS[name].folder
-        train = [_mc_row(r, name) for r in read_json_or_jsonl(folder / "train.json")]
+        # PIQA, Social IQa and WinoGrande come as test sets only: evaluation tasks here
+        train = [_mc_row(r, name) for r in read_json_or_jsonl(folder / "train.json")] if (folder / "train.json").exists() else []
         test = [_mc_row(r, name) for r in read_json_or_jsonl(folder / "test.json")]
         return TaskData(
             name, "generation", "multiple_choice", generation_rows(train), generation_rows(test),
@@ -58,6 +63,24 @@ def _mc_local(name: str) -> Callable[[Path], TaskData]:
 
 def _mc_from_hub_record(name: str, r: dict[str, Any]) -> dict[str, Any]:
     """Hub records rewritten into the LLM-Adapters instruction format used by the local files."""
+    if name == "piqa":
+        instruction = (
+            f"Please choose the correct solution to the question: {r['goal']}\n\nSolution1: {r['sol1']}\n\n"
+            f"Solution2: {r['sol2']}\n\nAnswer format: solution1/solution2"
+        )
+        return _mc_row({"instruction": instruction, "answer": f"solution{int(r['label']) + 1}"}, name)
+    if name == "social-iqa":
+        instruction = (
+            f"Please choose the correct answer to the question: {r['context']} {r['question']}\n\n"
+            f"Answer1: {r['answerA']} Answer2: {r['answerB']} Answer3: {r['answerC']}\n\nAnswer format: answer1/answer2/answer3"
+        )
+        return _mc_row({"instruction": instruction, "answer": f"answer{int(r['label'])}"}, name)
+    if name == "winogrande":
+        instruction = (
+            f"Please choose the correct answer to fill in the blank to complete the given sentence: {r['sentence']}"
+            f"\n\nOption1: {r['option1']} Option2: {r['option2']} Answer format: option1/option2"
+        )
+        return _mc_row({"instruction": instruction, "answer": f"option{int(r['answer'])}"}, name)
     if name == "boolq":
         question = r["question"].rstrip("?")
         instruction = (
@@ -79,7 +102,8 @@ def _mc_hub(name: str) -> Callable[[], TaskData]:
     def load() -> TaskData:
         spec = MC_TASKS[name]
         ds = datasets.load_dataset(spec.hub_id, spec.hub_config) if spec.hub_config else datasets.load_dataset(spec.hub_id)
-        test_split = "test" if name != "boolq" else "validation"
+        # the Hub's test labels of these are hidden: their validation split is the test set
+        test_split = "validation" if name in ("boolq", "piqa", "social-iqa", "winogrande") else "test"
         parts = {
             split: generation_rows([_mc_from_hub_record(name, r) for r in ds[split]]) for split in ("train", test_split)
         }
