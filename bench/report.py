@@ -40,6 +40,8 @@ def write_performance_report(results: Path, target: Path) -> Path:
         lines += ["", f"Target: {r['target']}: **{'met' if r['passed'] else 'NOT met'}**.", ""]
     if r := _load(results, "precision_auto_vs_fp32"):
         lines += ["## precision=auto vs fp32 on the default job", "", f"{r['job']}.", ""]
+        if r.get("note"):
+            lines += [r["note"], ""]
         lines += ["| precision | seed | final accuracy | round (s) | training (s) | evaluation (s) | evaluation share |", "|---|---|---|---|---|---|---|"]
         for precision, by_seed in r["runs"].items():
             for seed, run in by_seed.items():
