@@ -34,8 +34,15 @@ from typing import Any
 
 import torch
 
-from fedtune.methods.base import ClientUpload, FederatedMethod, HeadPlacement, Placement, data_weights
+from fedtune.methods.base import (
+    ClientUpload,
+    FederatedMethod,
+    HeadPlacement,
+    Placement,
+    data_weights,
+)
 from fedtune.methods.registry import register
+from fedtune.methods.weight_sync import WeightSync
 from fedtune.resources import RankPlan
 from fedtune.state import (
     BASE_SUFFIX,
@@ -52,8 +59,7 @@ from fedtune.state import (
     weighted_average,
 )
 
-ROUND_KEY = "_fedex.round"
-SYNCED_KEY = "_fedex.synced"
+SYNC = WeightSync("fedex")  # bookkeeping keys _fedex.round, _fedex.synced
 STACK_PREFIX = "_fedex.stack."
 #: the stacked factors' key suffixes in a download (not LoRA factors: nothing trains them)
 STACK_A, STACK_B = ".residual_stack_A", ".residual_stack_B"
@@ -98,13 +104,11 @@ class FedExLoRA(FederatedMethod):
 
     def server_init(self, initial: State) -> State:
         server = clone({k: v for k, v in initial.items() if role_of(k) == ROLE_BASE or self.is_shared(k)})
-        server[ROUND_KEY] = torch.tensor(0)
-        server[SYNCED_KEY] = torch.zeros(len(self.plan.client_ranks), dtype=torch.int64)
-        return server
+        return SYNC.init(server, len(self.plan.client_ranks))
 
     def download(self, server: State, client_id: int) -> State:
         payload = {k: v for k, v in server.items() if self.is_shared(k) and not k.startswith("_")}
-        behind = int(server[ROUND_KEY]) - int(server[SYNCED_KEY][client_id])
+        behind = SYNC.behind(server, client_id)
         if behind == 1:
             payload.update({k[len(STACK_PREFIX) :]: v for k, v in server.items() if k.startswith(STACK_PREFIX)})
         elif behind > 1:
@@ -118,12 +122,7 @@ class FedExLoRA(FederatedMethod):
         if any(role_of(k) == ROLE_BASE for k in received):
             weights = {k: v for k, v in received.items() if role_of(k) == ROLE_BASE}
         elif stacked:
-            for module in lora_modules(received):
-                key = module + BASE_SUFFIX
-                weights[key] = fold_residual(
-                    weights[key], stacked[module + STACK_A], stacked[module + STACK_B],
-                    received[module + LORA_A_SUFFIX], received[module + LORA_B_SUFFIX], self.scale,
-                )  # fmt: skip
+            weights.update(self.fold(weights, stacked, received))
         start = dict(initial)
         start.update(local)
         start.update(received)
@@ -150,19 +149,21 @@ class FedExLoRA(FederatedMethod):
             stacked, averaged = through_wire(stacked, self.wire_dtype), through_wire(averaged, self.wire_dtype)
         new = {k: v for k, v in server.items() if not k.startswith(STACK_PREFIX)}
         new.update(averaged)
-        for module in lora_modules(averaged):
-            key = module + BASE_SUFFIX
-            new[key] = fold_residual(
-                server[key], stacked[module + STACK_A], stacked[module + STACK_B],
-                averaged[module + LORA_A_SUFFIX], averaged[module + LORA_B_SUFFIX], self.scale,
-            )  # fmt: skip
+        new.update(self.fold(server, stacked, averaged))
         new.update({STACK_PREFIX + k: v for k, v in stacked.items()})
-        synced = server[SYNCED_KEY].clone()
-        for u in uploads:  # each uploader holds the previous round's W: one stack behind now
-            synced[u.client_id] = int(server[ROUND_KEY])
-        new[SYNCED_KEY] = synced
-        new[ROUND_KEY] = server[ROUND_KEY] + 1
-        return new
+        return SYNC.advance(server, new, uploads)
+
+    def fold(self, weights: State, stacked: State, factors: State) -> State:
+        """Each module's W with the round's residual folded in: server and clients call this on
+        the same tensors, so they hold the same W bit for bit."""
+        folded = {}
+        for module in lora_modules(factors):
+            key = module + BASE_SUFFIX
+            folded[key] = fold_residual(
+                weights[key], stacked[module + STACK_A], stacked[module + STACK_B],
+                factors[module + LORA_A_SUFFIX], factors[module + LORA_B_SUFFIX], self.scale,
+            )  # fmt: skip
+        return folded
 
     def export_state(self, state: State) -> State:
         """The global model as merged target weights: W + s B_bar A_bar (and the head)."""

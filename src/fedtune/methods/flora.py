@@ -24,8 +24,15 @@ from typing import Any
 
 import torch
 
-from fedtune.methods.base import ClientUpload, FederatedMethod, HeadPlacement, Placement, data_weights
+from fedtune.methods.base import (
+    ClientUpload,
+    FederatedMethod,
+    HeadPlacement,
+    Placement,
+    data_weights,
+)
 from fedtune.methods.registry import register
+from fedtune.methods.weight_sync import WeightSync
 from fedtune.resources import RankPlan
 from fedtune.state import (
     BASE_SUFFIX,
@@ -44,8 +51,7 @@ from fedtune.state import (
     weighted_average,
 )
 
-ROUND_KEY = "_flora.round"
-SYNCED_KEY = "_flora.synced"
+SYNC = WeightSync("flora")  # bookkeeping keys _flora.round, _flora.synced
 STACK_PREFIX = "_flora.stack."
 
 
@@ -105,13 +111,11 @@ class FLoRA(FederatedMethod):
         server = clone({k: v for k, v in initial.items() if role_of(k) in (ROLE_BASE, ROLE_HEAD)})
         if self.head != "shared":
             server = {k: v for k, v in server.items() if role_of(k) == ROLE_BASE}
-        server[ROUND_KEY] = torch.tensor(0)
-        server[SYNCED_KEY] = torch.zeros(len(self.plan.client_ranks), dtype=torch.int64)
-        return server
+        return SYNC.init(server, len(self.plan.client_ranks))
 
     def download(self, server: State, client_id: int) -> State:
         payload = {k: v for k, v in server.items() if role_of(k) == ROLE_HEAD and self.is_shared(k) and not k.startswith("_")}
-        behind = int(server[ROUND_KEY]) - int(server[SYNCED_KEY][client_id])
+        behind = SYNC.behind(server, client_id)
         if behind == 1:
             payload.update({k[len(STACK_PREFIX) :]: v for k, v in server.items() if k.startswith(STACK_PREFIX)})
         elif behind > 1:
@@ -150,13 +154,7 @@ class FLoRA(FederatedMethod):
         heads = [{k: v for k, v in u.tensors.items() if role_of(k) == ROLE_HEAD} for u in uploads]
         if heads[0]:
             new.update(weighted_average(heads, data_weights(uploads)))
-        # every uploader holds the merged W of the previous round, so it is one stack behind now
-        synced = server[SYNCED_KEY].clone()
-        for u in uploads:
-            synced[u.client_id] = int(server[ROUND_KEY])
-        new[SYNCED_KEY] = synced
-        new[ROUND_KEY] = server[ROUND_KEY] + 1
-        return new
+        return SYNC.advance(server, new, uploads)
 
     def global_state(self, server: State, initial: State) -> State:
         state = dict(initial)
