@@ -1,22 +1,7 @@
 """Federated fine-tuning methods. Importing this package registers every method."""
 
-from fedtune.methods import (  # noqa: F401
-    fed_alora,
-    fedex_lora,
-    flexlora,
-    flora,
-    frozen_factor,
-    full_weight,
-    hafl,
-    hetlora,
-    lora_sharing,
-)
-from fedtune.methods.base import (
-    ClientUpload,
-    FederatedMethod,
-    RoleSharingMethod,
-    data_weights,
-)
+from fedtune.methods import fed_alora, fedex_lora, flexlora, flora, frozen_factor, full_weight, hafl, hetlora, lora_sharing  # noqa: F401
+from fedtune.methods.base import ClientUpload, FederatedMethod, RoleSharingMethod, data_weights
 from fedtune.methods.registry import METHODS, build_method, method_class, register
 
 __all__ = [

@@ -17,25 +17,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedtune.errors import UsageError
-from fedtune.methods.base import (
-    ClientUpload,
-    FederatedMethod,
-    HeadPlacement,
-    Placement,
-    RoleSharingMethod,
-    data_weights,
-)
+from fedtune.methods.base import ClientUpload, FederatedMethod, HeadPlacement, Placement, RoleSharingMethod, data_weights
 from fedtune.methods.registry import register
 from fedtune.resources import RankPlan
-from fedtune.state import (
-    ROLE_A,
-    ROLE_B,
-    ROLE_HEAD,
-    State,
-    clone,
-    role_of,
-    weighted_average,
-)
+from fedtune.state import ROLE_A, ROLE_B, ROLE_HEAD, State, clone, role_of, weighted_average
 
 APersistence = Literal["reset", "keep"]
 

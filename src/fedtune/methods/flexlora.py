@@ -22,24 +22,10 @@ from typing import Any
 
 import torch
 
-from fedtune.methods.base import (
-    ClientUpload,
-    FederatedMethod,
-    HeadPlacement,
-    Placement,
-    data_weights,
-)
+from fedtune.methods.base import ClientUpload, FederatedMethod, HeadPlacement, Placement, data_weights
 from fedtune.methods.registry import register
 from fedtune.resources import RankPlan
-from fedtune.state import (
-    LORA_A_SUFFIX,
-    LORA_B_SUFFIX,
-    ROLE_HEAD,
-    State,
-    lora_modules,
-    role_of,
-    weighted_average,
-)
+from fedtune.state import LORA_A_SUFFIX, LORA_B_SUFFIX, ROLE_HEAD, State, lora_modules, role_of, weighted_average
 
 
 def stacked_factors(

@@ -24,13 +24,7 @@ from typing import Any
 
 import torch
 
-from fedtune.methods.base import (
-    ClientUpload,
-    FederatedMethod,
-    HeadPlacement,
-    Placement,
-    data_weights,
-)
+from fedtune.methods.base import ClientUpload, FederatedMethod, HeadPlacement, Placement, data_weights
 from fedtune.methods.registry import register
 from fedtune.methods.weight_sync import WeightSync
 from fedtune.resources import RankPlan

@@ -23,26 +23,10 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fedtune.methods.base import (
-    ClientUpload,
-    FederatedMethod,
-    LocalHooks,
-    Placement,
-    data_weights,
-)
+from fedtune.methods.base import ClientUpload, FederatedMethod, LocalHooks, Placement, data_weights
 from fedtune.methods.flexlora import low_rank_svd
 from fedtune.methods.registry import register
-from fedtune.state import (
-    LORA_A_SUFFIX,
-    LORA_B_SUFFIX,
-    ROLE_A,
-    ROLE_B,
-    ROLE_HEAD,
-    State,
-    lora_modules,
-    role_of,
-    weighted_average,
-)
+from fedtune.state import LORA_A_SUFFIX, LORA_B_SUFFIX, ROLE_A, ROLE_B, ROLE_HEAD, State, lora_modules, role_of, weighted_average
 
 ROUND_KEY = "_frozen_factor.round"
 #: sent with the download (an int32 scalar): 0 = train B (A frozen), 1 = train A (B frozen);

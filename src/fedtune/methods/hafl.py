@@ -47,27 +47,10 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedtune.methods.base import (
-    ClientUpload,
-    FederatedMethod,
-    HeadPlacement,
-    LocalHooks,
-    Placement,
-    data_weights,
-)
+from fedtune.methods.base import ClientUpload, FederatedMethod, HeadPlacement, LocalHooks, Placement, data_weights
 from fedtune.methods.registry import register
 from fedtune.resources import RankPlan
-from fedtune.state import (
-    LORA_A_SUFFIX,
-    LORA_B_SUFFIX,
-    ROLE_HEAD,
-    State,
-    clone,
-    lora_modules,
-    role_of,
-    scale_b,
-    weighted_average,
-)
+from fedtune.state import LORA_A_SUFFIX, LORA_B_SUFFIX, ROLE_HEAD, State, clone, lora_modules, role_of, scale_b, weighted_average
 
 INDEX_SUFFIX = ".hafl_index"
 SCORE_SUFFIX = ".hafl_score"

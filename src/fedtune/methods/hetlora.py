@@ -33,14 +33,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedtune.methods.base import (
-    ClientUpload,
-    FederatedMethod,
-    HeadPlacement,
-    LocalHooks,
-    Placement,
-    data_weights,
-)
+from fedtune.methods.base import ClientUpload, FederatedMethod, HeadPlacement, LocalHooks, Placement, data_weights
 from fedtune.methods.registry import register
 from fedtune.resources import RankPlan
 from fedtune.state import (

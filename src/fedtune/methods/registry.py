@@ -30,9 +30,7 @@ def build_method(config: Any) -> FederatedMethod:
     method = method_class(config.method).from_config(config)
     scaffold = getattr(config, "scaffold", None)
     if scaffold is not None and scaffold.enabled:
-        from fedtune.methods.scaffold import (
-            Scaffold,  # a wrapper over any registered method
-        )
+        from fedtune.methods.scaffold import Scaffold  # a wrapper over any registered method
 
         method = Scaffold.wrap(method, config)
     return method
