@@ -34,16 +34,15 @@ from typing import Any
 
 import torch
 
-from fedtune.methods.base import ClientUpload, FederatedMethod, HeadPlacement, Placement, data_weights
+from fedtune.methods.base import ClientUpload, HeadPlacement, data_weights
 from fedtune.methods.registry import register
-from fedtune.methods.weight_sync import WeightSync
+from fedtune.methods.weight_sync import HoldsMergedWeights, WeightSync
 from fedtune.resources import RankPlan
 from fedtune.state import (
     BASE_SUFFIX,
     LORA_A_SUFFIX,
     LORA_B_SUFFIX,
     ROLE_BASE,
-    ROLE_HEAD,
     WIRE_DTYPES,
     State,
     clone,
@@ -65,11 +64,9 @@ def fold_residual(weight: torch.Tensor, stack_a: torch.Tensor, stack_b: torch.Te
 
 
 @register
-class FedExLoRA(FederatedMethod):
+class FedExLoRA(HoldsMergedWeights):
     name = "fedex-lora"
     summary = "FedEx-LoRA: FedIT's averaged A and B plus the exact residual folded into the base weights"
-    binds_base_weights = True
-    export_format = "merged"  # the residual lives in the base weights
     server_opt_refusal = (
         "its residual makes W + s B_bar A_bar the clients' exact mean; a server step on A and B would move "
         "the model away from that mean without a residual to match"
@@ -84,17 +81,6 @@ class FedExLoRA(FederatedMethod):
     @classmethod
     def from_config(cls, config: Any) -> FedExLoRA:
         return cls(RankPlan.from_config(config), config.head, WIRE_DTYPES[config.wire_dtype])
-
-    def placement(self, key: str) -> Placement:
-        role = role_of(key)
-        if role == ROLE_HEAD:
-            return self.head
-        if role == ROLE_BASE:
-            return "local"  # each client holds its copy of W, brought up to date by the downloads
-        return "shared"
-
-    def trains(self, key: str) -> bool:
-        return role_of(key) != ROLE_BASE and self.placement(key) != "frozen"
 
     def server_init(self, initial: State) -> State:
         server = clone({k: v for k, v in initial.items() if role_of(k) == ROLE_BASE or self.is_shared(k)})

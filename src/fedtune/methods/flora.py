@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from fedtune.methods.base import ClientUpload, FederatedMethod, HeadPlacement, Placement, data_weights
+from fedtune.methods.base import ClientUpload, HeadPlacement, data_weights
 from fedtune.methods.registry import register
-from fedtune.methods.weight_sync import WeightSync
+from fedtune.methods.weight_sync import HoldsMergedWeights, WeightSync
 from fedtune.resources import RankPlan
 from fedtune.state import (
     BASE_SUFFIX,
@@ -72,12 +72,10 @@ def merge(weights: State, stacked: State) -> State:
 
 
 @register
-class FLoRA(FederatedMethod):
+class FLoRA(HoldsMergedWeights):
     name = "flora"
     summary = "FLoRA: exact stacking aggregation merged into the base weights; fresh LoRA each round"
     supports_heterogeneous_ranks = True
-    binds_base_weights = True
-    export_format = "merged"  # the result lives in the base weights, not in an adapter
     server_opt_refusal = "each round's stack is merged into the base weights and the LoRA restarts: there is no averaged tensor to move"
 
     def __init__(self, plan: RankPlan, head: HeadPlacement = "shared", wire_dtype: torch.dtype = torch.float32) -> None:
@@ -88,18 +86,6 @@ class FLoRA(FederatedMethod):
     @classmethod
     def from_config(cls, config: Any) -> FLoRA:
         return cls(RankPlan.from_config(config), config.head, WIRE_DTYPES[config.wire_dtype])
-
-    def placement(self, key: str) -> Placement:
-        role = role_of(key)
-        if role == ROLE_HEAD:
-            return self.head
-        if role == ROLE_BASE:
-            return "local"  # each client holds its merged copy of W
-        return "shared"
-
-    def trains(self, key: str) -> bool:
-        # the merged W is held, never trained: local training only moves the fresh LoRA
-        return role_of(key) != ROLE_BASE and self.placement(key) != "frozen"
 
     def server_init(self, initial: State) -> State:
         server = clone({k: v for k, v in initial.items() if role_of(k) in (ROLE_BASE, ROLE_HEAD)})

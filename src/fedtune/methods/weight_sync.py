@@ -13,8 +13,25 @@ from collections.abc import Sequence
 
 import torch
 
-from fedtune.methods.base import ClientUpload
-from fedtune.state import State
+from fedtune.methods.base import ClientUpload, FederatedMethod, Placement
+from fedtune.state import ROLE_BASE, ROLE_HEAD, State, role_of
+
+
+class HoldsMergedWeights(FederatedMethod):
+    """Where the keys of a merging method live: the head as the run says, each client's copy
+    of the merged W local and never trained, the LoRA factors shared."""
+
+    binds_base_weights = True
+    export_format = "merged"  # the result lives in the base weights
+
+    def placement(self, key: str) -> Placement:
+        role = role_of(key)
+        if role == ROLE_HEAD:
+            return self.head
+        return "local" if role == ROLE_BASE else "shared"
+
+    def trains(self, key: str) -> bool:
+        return role_of(key) != ROLE_BASE and self.placement(key) != "frozen"
 
 
 class WeightSync:
