@@ -35,8 +35,9 @@ def _exports(run_dir: Path) -> tuple[Path, dict[str, Path]]:
     raise UsageError(f"{run_dir} has no exported model (adapter/, merged/ or model/): is the run finished?")
 
 
-def _models(config: Any, kind: str, num_labels: int, global_dir: Path, personal: dict[str, Path]):
-    """(name, model) for the base, the global and each personal model, one at a time."""
+def _models(config: Any, loaded_base: torch.nn.Module, kind: str, num_labels: int, global_dir: Path, personal: dict[str, Path]):
+    """(name, model) for the base, the global and each personal model, one at a time.
+    ``loaded_base`` is the base as already loaded; merged exports need a fresh base each."""
     from peft import PeftModel
 
     from fedtune.models.loading import load_model
@@ -45,7 +46,7 @@ def _models(config: Any, kind: str, num_labels: int, global_dir: Path, personal:
         return load_model(config.model, kind, num_labels, seed=config.seed, quantize=config.quantize).model
 
     fmt = global_dir.name
-    model = base()
+    model = loaded_base
     yield VARIANT_BASE, model
     if fmt == "adapter":
         peft_model = PeftModel.from_pretrained(model, global_dir, adapter_name=VARIANT_GLOBAL).eval()
@@ -103,7 +104,8 @@ def score_run(run_dir: Path, tasks: list[str], max_examples: int | None = None, 
             labels = f" with {task.num_labels} labels" if task.kind == "classification" else ""
             raise UsageError(f"task {name} is a {task.kind} task{labels}; the run's model is a {run_kind} model" + (f" with {run_labels} labels" if run_kind == "classification" else ""))
         loaded_tasks[name] = task
-    tokenizer = load_model(config.model, run_kind, max(run_labels, 2) if run_kind == "classification" else 0, seed=config.seed).tokenizer
+    loaded = load_model(config.model, run_kind, run_labels, seed=config.seed, quantize=config.quantize)
+    tokenizer = loaded.tokenizer
     pad_id = int(tokenizer.pad_token_id)
     encoded = {}
     for name, task in loaded_tasks.items():
@@ -114,7 +116,7 @@ def score_run(run_dir: Path, tasks: list[str], max_examples: int | None = None, 
             scored = encode_scored(rows, tokenizer, config.max_seq_len) if task.metric in ("multiple_choice", "exact_match") else []
             encoded[name] = (task, len(rows), encode_generation(rows, tokenizer, config.max_seq_len), scored)
     results: dict[str, dict[str, dict[str, float]]] = {name: {} for name in tasks}
-    for variant, model in _models(config, run_kind, run_labels, global_dir, personal):
+    for variant, model in _models(config, loaded.model, run_kind, run_labels, global_dir, personal):
         model.to(torch_device)
         for name, (task, _, examples, scored) in encoded.items():
             with torch.no_grad():
