@@ -42,21 +42,37 @@ def write_performance_report(results: Path, target: Path) -> Path:
         lines += ["## precision=auto vs fp32 on the default job", "", f"{r['job']}.", ""]
         if r.get("note"):
             lines += [r["note"], ""]
-        lines += ["| precision | seed | final accuracy | round (s) | training (s) | evaluation (s) | evaluation share |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "| precision | seed | final accuracy | mean round (s) | training (s) | evaluation (s per evaluation) | evaluation share of the run | of an evaluated round |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for precision, by_seed in r["runs"].items():
             for seed, run in by_seed.items():
                 used = f"{precision} ({run['precision_used']})" if precision == "auto" else precision
+                per_eval = run.get("eval_seconds_per_evaluation", run["eval_seconds"])
+                within = run.get("eval_share_of_evaluated_rounds", run["eval_share"])
                 lines.append(
                     f"| {used} | {seed} | {run['final_accuracy']:.4f} | {run['round_seconds']:.1f} | {run['train_seconds']:.1f} "
-                    f"| {run['eval_seconds']:.1f} | {run['eval_share'] * 100:.1f} % |"
+                    f"| {per_eval:.1f} | {run['eval_share'] * 100:.1f} % | {within * 100:.1f} % |"
                 )
         lines += [
             "",
             f"Mean final accuracy: fp32 {r['mean_final_accuracy']['fp32']:.4f}, auto {r['mean_final_accuracy']['auto']:.4f} "
-            f"(difference {r['accuracy_difference_auto_minus_fp32'] * 100:+.2f} points); largest evaluation share at auto "
+            f"(difference {r['accuracy_difference_auto_minus_fp32'] * 100:+.2f} points); largest evaluation share of a run at auto "
             f"{r['max_eval_share_auto'] * 100:.1f} %. Target: {r['target']}: **{'met' if r['passed'] else 'NOT met'}**.",
             "",
         ]
+        if cost := r.get("evaluation_cost"):
+            repay = cost["evaluations_to_repay_compile"]
+            lines += [
+                f"One global evaluation ({cost['examples']} examples, {cost['precision']}): {cost['eager_seconds']:.2f} s eager "
+                f"({cost['eager_ms_per_example']:.1f} ms per example; matrix products {cost['matmul_share'] * 100:.0f} % of it, "
+                f"fused attention {cost['attention_share'] * 100:.0f} %). Compiled (`torch.compile`, dynamic shapes): "
+                f"{cost['compiled_seconds']:.2f} s after a first call of {cost['compiled_first_call_seconds']:.1f} s, so compiling "
+                + (f"repays itself after {repay:.0f} evaluations" if repay is not None else "never repays itself")
+                + f" (same accuracy: {'yes' if cost['same_accuracy_compiled'] else 'no'}).",
+                "",
+            ]
     flower, reload = _load(results, "flower_vs_simulator"), _load(results, "reload_vs_shared_model")
     if flower or reload:
         lines += ["## Round time: simulator vs Flower vs reloading the model", "", "| runtime | mean round (s) | ratio to simulator |", "|---|---|---|"]

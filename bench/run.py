@@ -5,7 +5,7 @@
 - ``throughput``: a client turn at the default precision vs hand-written peft + AdamW loops in fp32
   and under bf16 autocast, examples/s (>= 1.3 x fp32 and >= 0.95 x bf16 where the CPU has native bf16).
 - ``precision``: the default job in fp32 and at precision=auto, 2 seeds: final accuracy (within 1
-  point) and evaluation's share of a round (<= 10 %).
+  point) and evaluation's share of the run's time (<= 10 %); one evaluation's cost, eager and compiled.
 - ``reload``: round time when every client reloads the model (FlowerTune's pattern) vs the simulator.
 - ``memory``: peak RSS of 100 vs 2 clients (<= RSS_2 + 100 x adapter + 200 MB).
 - ``flexlora``: FlexLoRA's QR fast path vs the dense SVD on 7B-shaped adapters (>= 50x, O((d_in + d_out) R) memory).

@@ -23,7 +23,7 @@ def test_minilm_20newsgroups_two_rounds(tmp_path: Path, capsys: pytest.CaptureFi
     args = [
         "run", str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"), f"data_dir={shared_data_dir()}", "rounds=2", "clients=4", "local_steps=3",
         "batch_size=8", "max_seq_len=64", "max_train_examples=400", "max_eval_examples=100",
-        "max_client_eval_examples=10", "progress=false", "--out", str(out),
+        "max_client_eval_examples=10", "eval_every=1", "progress=false", "--out", str(out),
     ]  # fmt: skip
     assert main(args) == 0
     printed = capsys.readouterr().out
