@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -38,9 +39,15 @@ def comparison_file(tmp_path: Path, job: Path, **changes: object) -> Path:
             "FFA-LoRA": {"method": "ffa-lora"},
             "Fed-ALoRA keep": {"method": "fed-alora", "fed_alora.a_persistence": "keep"},
         },
-        "claims": ["sharing B is enough"],
+        "claims": [
+            "sharing B is enough",
+            {"text": "FFA-LoRA learns as well", "variant": "FFA-LoRA", "expect": "not-worse", "source": "seed 001"},
+            {"text": "keeping A beats the floor", "variant": "Fed-ALoRA keep", "against": "majority-class floor", "metric": "personal_accuracy"},
+        ],
         **changes,
     }
+    if "variants" in changes and "claims" not in changes:  # the claims name the default variants
+        doc["claims"] = ["sharing B is enough"]
     path = tmp_path / "compare.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
@@ -48,7 +55,7 @@ def comparison_file(tmp_path: Path, job: Path, **changes: object) -> Path:
 
 def test_compare_file_end_to_end(tmp_path: Path, job: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    assert main(["compare", str(comparison_file(tmp_path, job)), "--out", str(out)]) == 0
+    assert main(["compare", str(comparison_file(tmp_path, job, reach=0.3)), "--out", str(out)]) == 0
     with open(out / "runs.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted((r["variant"], r["seed"]) for r in rows) == sorted((v, s) for v in ("FedIT", "FFA-LoRA", "Fed-ALoRA keep") for s in "01")
@@ -61,8 +68,38 @@ def test_compare_file_end_to_end(tmp_path: Path, job: Path, capsys: pytest.Captu
     assert "downlink / run (MiB)" in report and "client training memory (MiB)" in report
     assert "Not beaten on both final accuracy and uplink per run:" in report
     assert "Reproduce: `fedtune compare" in report and "sharing B is enough" in report
+    assert "Majority-class floor" in report
+    # each claim's verdict, re-derived here from the runs' final scores: paired by seed, Student's t
+    with open(out / "report-claims.csv") as f:
+        claims = {c["claim"]: c for c in csv.DictReader(f)}
+    final = {(r["variant"], int(r["seed"])): r for r in rows}
+    expected = {
+        "FFA-LoRA learns as well": [float(final["FFA-LoRA", s]["final"]) - float(final["FedIT", s]["final"]) for s in (0, 1)],
+        "keeping A beats the floor": [
+            float(final["Fed-ALoRA keep", s]["final_personal_accuracy"]) - float(final["Fed-ALoRA keep", s]["personal_majority_class_accuracy"])
+            for s in (0, 1)
+        ],
+    }
+    assert set(claims) == set(expected)
+    for text, diffs in expected.items():
+        mean = sum(diffs) / 2
+        half = 12.706204736 * abs(diffs[0] - diffs[1]) / 2  # t(0.975, 1) * stdev / sqrt(2), stdev of 2 = |a - b| / sqrt(2)
+        assert float(claims[text]["mean"]) == pytest.approx(mean, abs=1e-12)
+        if half > 0:
+            assert float(claims[text]["low"]) == pytest.approx(mean - half, abs=1e-9)
+            assert float(claims[text]["high"]) == pytest.approx(mean + half, abs=1e-9)
+        held = mean - half > 0
+        worse = mean + half < 0
+        assert claims[text]["verdict"] == ("held" if held else "not held" if worse else "not distinguishable at 2 seeds")
+        assert f"| {text} |" in report
     for plot in ("main_accuracy_vs_round", "main_accuracy_vs_uplink", "main_accuracy_vs_total_bytes_up"):
         assert (out / "plots" / f"{plot}.png").stat().st_size > 0
+    # uplink to reach accuracy 0.3: the cumulative uplink of the first evaluated round at or above it
+    for r in rows:
+        history = [json.loads(x) for x in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        first = next((h["cumulative_bytes_up"] for h in history if h.get("accuracy") is not None and h["accuracy"] >= 0.3), None)
+        assert (r["bytes_up_to_reach"] or None) == (str(first) if first is not None else None)
+    assert "uplink to accuracy ≥ 0.3 (MiB)" in report
     # the uplink ranking the report states is the bytes the runs really sent
     up = {r["variant"]: int(r["total_bytes_up"]) for r in rows}
     assert up["FFA-LoRA"] < up["FedIT"]
@@ -81,6 +118,66 @@ def test_quick_form_and_overrides_for_every_run(tmp_path: Path, job: Path, capsy
     assert "### Paired differences against `fedit`" in (out / "report.md").read_text()
 
 
+def test_records_let_a_later_session_continue_without_the_run_directories(
+    tmp_path: Path, job: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    from fedtune.studies.runner import RECORD_FILES
+
+    records, first = tmp_path / "records", tmp_path / "first"
+    one_seed = comparison_file(tmp_path, job, seeds=[0])
+    assert main(["compare", str(one_seed), "--out", str(first), "--records", str(records)]) == 0
+    record = records / "main" / "fedit" / "seed0"
+    assert sorted(p.name for p in record.iterdir()) == sorted(RECORD_FILES)  # no adapters, no checkpoints
+    assert (first / "runs" / "main" / "fedit" / "seed0" / "adapter").is_dir()
+    report_before = (first / "report.md").read_text()
+    shutil.rmtree(first)  # another session, another machine: only the committed records are left
+    stamp = (record / "summary.json").stat().st_mtime_ns
+
+    second = tmp_path / "second"
+    two_seeds = comparison_file(tmp_path, job, seeds=[0, 1])
+    assert main(["compare", str(two_seeds), "--out", str(second), "--records", str(records)]) == 0
+    assert not (second / "runs" / "main" / "fedit" / "seed0").exists()  # seed 0 came from its record
+    assert (second / "runs" / "main" / "fedit" / "seed1" / "summary.json").exists()  # seed 1 was run
+    assert (record / "summary.json").stat().st_mtime_ns == stamp
+    assert (records / "main" / "fedit" / "seed1" / "summary.json").exists()
+    with open(second / "runs.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and all(Path(r["run_dir"]).is_relative_to(records) for r in rows)
+
+    # the seed-0 rows are the first session's numbers: one seed's report, rebuilt from the records alone
+    third = ["compare", str(two_seeds), "--seeds", "0", "--out", str(tmp_path / "third"), "--records", str(records), "--finished-only"]
+    assert main(third) == 0
+    table = [line for line in (tmp_path / "third" / "report.md").read_text().splitlines() if line.startswith("| FedIT |")]
+    assert table and table[0] in report_before
+
+    # a record from another definition (another learning rate) is not reported as this one's
+    assert main(["compare", str(two_seeds), "--out", str(tmp_path / "fourth"), "--records", str(records), "--finished-only", "lr=0.02"]) == 2
+    assert "no finished runs" in capsys.readouterr().err
+
+
+def test_a_run_two_studies_share_is_run_once(tmp_path: Path, job: Path) -> None:
+    from fedtune.studies.comparison import load_comparison
+    from fedtune.studies.runner import adopt_records, grid, record_index, run_study
+
+    pool = tmp_path / "results"
+    first = load_comparison(comparison_file(tmp_path, job, seeds=[0], variants={"FedIT": {"method": "fedit"}}, claims=[]))
+    run_study(first, tmp_path / "a-runs", "default", [0], records=pool / "a" / "runs")
+    other = comparison_file(tmp_path, job, seeds=[0], variants={"FedIT": {"method": "fedit"}, "Local": {"method": "local-only"}}, claims=[])
+    second = load_comparison(other)
+    todo = grid(second, tmp_path / "b-runs", "default", [0], records=pool / "b" / "runs")
+    assert adopt_records(todo, record_index([pool])) == 1  # FedIT, the same resolved config; not local-only
+    adopted = pool / "b" / "runs" / "main" / "fedit" / "seed0"
+    assert (adopted / "metrics.jsonl").read_text() == (pool / "a" / "runs" / "main" / "fedit" / "seed0" / "metrics.jsonl").read_text()
+    rows = run_study(second, tmp_path / "b-runs", "default", [0], records=pool / "b" / "runs")
+    assert not (tmp_path / "b-runs" / "main" / "fedit").exists() and (tmp_path / "b-runs" / "main" / "local" / "seed0" / "summary.json").exists()
+    assert {r["variant"] for r in rows} == {"FedIT", "Local"}
+    # another learning rate is another run
+    changed = grid(second, tmp_path / "c-runs", "default", [0], extra=["lr=0.02"], records=pool / "c" / "runs")
+    assert adopt_records(changed, record_index([pool])) == 0
+
+
 # case -> (changes to the comparison file, words the one-line error must contain)
 BAD = {
     "unknown method": ({"variants": {"FedIT": {"method": "fedit"}, "Mine": {"method": "fedbogus"}}}, "variant 'Mine'"),
@@ -88,6 +185,8 @@ BAD = {
     "missing base": ({"base": "no-such.yaml"}, "base config file not found: no-such.yaml"),
     "reference not a variant": ({"reference": "FedAvg"}, "reference 'FedAvg' is not a variant"),
     "variant not a mapping": ({"variants": {"FedIT": "fedit"}}, "variant 'FedIT' must be a mapping"),
+    "claim on an unknown variant": ({"claims": [{"text": "x wins", "variant": "FedX"}]}, "claim 'x wins': 'FedX' is not a variant"),
+    "claim with a bad expectation": ({"claims": [{"text": "x", "variant": "FedIT", "expect": "sideways"}]}, "expect"),
 }
 
 

@@ -121,11 +121,23 @@ def test_shipped_studies_resolve() -> None:
     from fedtune.studies.definitions import studies
 
     shipped = studies()
-    assert sorted(shipped) == ["beyond-lora", "hafl-20ng", "init-similarity", "share-which"]
+    assert sorted(shipped) == ["beyond-lora", "hafl-20ng", "init-similarity", "optimisers", "share-which"]
     for study in shipped.values():
         assert study.claims
         for size in ("cpu", "gpu"):
             validate(study, size, [])
+
+
+def test_shipped_sweeps_resolve() -> None:
+    """The learning-rate sweeps behind the studies are comparison files too."""
+    from fedtune.studies.comparison import STUDY_DIR, load_comparison, validate
+
+    sweeps = sorted((STUDY_DIR / "sweeps").glob("*.yaml"))
+    assert sweeps
+    for path in sweeps:
+        study = load_comparison(path)
+        validate(study, "default", [])
+        assert study.seeds and all(seed not in (0, 1, 2, 3, 4) for seed in study.seeds)  # never a reported seed
 
 
 def test_settings_filter_runs_only_the_named_setting(tiny_study: Path, tmp_path: Path, capsys) -> None:

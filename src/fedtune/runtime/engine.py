@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,4 +291,29 @@ def describe(fed: Federation) -> dict[str, Any]:
         "quantize": fed.config.quantize,
         # the model's parameters and buffers as stored (base and adapters; 4-bit weights at half a byte)
         "model_bytes": sum(t.numel() * t.element_size() for t in (*fed.loaded.model.parameters(), *fed.loaded.model.buffers())),
+        **majority_class_floors(fed.data),
     }
+
+
+def majority_class_floors(data: FederatedData) -> dict[str, float]:
+    """What always answering the most frequent training class scores, on the sets the run
+    evaluates: the pooled training data's class on the global test set, and each client's own
+    class on its own test split (mean over clients, like personalised accuracy). On label-skewed
+    clients the personal floor is high, and a personalised accuracy is judged against it."""
+    if data.task.kind != "classification":
+        return {}
+    floors: dict[str, float] = {}
+
+    def majority(examples: list) -> int:
+        return Counter(int(e.labels) for e in examples).most_common(1)[0][0]
+
+    pooled = [e for c in data.clients for e in c.train]
+    if pooled and data.test:
+        label = majority(pooled)
+        floors["majority_class_accuracy"] = sum(int(e.labels) == label for e in data.test) / len(data.test)
+    personal = [
+        sum(int(e.labels) == majority(c.train) for e in c.test) / len(c.test) for c in data.clients if c.train and c.test
+    ]
+    if personal:
+        floors["personal_majority_class_accuracy"] = sum(personal) / len(personal)
+    return floors

@@ -1,11 +1,13 @@
 """``fedtune compare`` and ``fedtune study``: one engine, a comparison file or a built-in study.
 
-    fedtune compare FILE.yaml --out DIR [--size NAME] [--seeds ...] [--jobs N] [--finished-only] [key=value ...]
+    fedtune compare FILE.yaml --out DIR [--size NAME] [--seeds ...] [--jobs N] [--finished-only] [--records DIR] [key=value ...]
     fedtune compare CONFIG.yaml --methods fedit ffa-lora fed-alora --seeds 0 1 2 --out DIR [key=value ...]
     fedtune study NAME --out DIR [--size cpu|gpu] [--seeds ...] [--settings ...] [--jobs N] [--finished-only] [--report docs/results]
 
 ``compare`` writes ``DIR/report.md``, ``DIR/runs.csv`` and ``DIR/plots/``, its runs under
-``DIR/runs/``; ``study`` keeps its runs under ``--out`` and writes ``<report>/<NAME>.md``.
+``DIR/runs/``; ``study`` keeps its runs under ``--out`` and writes ``<report>/<NAME>.md``, and
+each finished run's record under ``<report>/<NAME>/runs/`` (``--records``; reused by the next
+invocation, here or on another machine).
 """
 
 from __future__ import annotations
@@ -53,13 +55,18 @@ def _run_and_report(
 ) -> int:
     from fedtune.studies.comparison import validate
     from fedtune.studies.report import write_report
-    from fedtune.studies.runner import run_study, unfinished_runs, write_csv
+    from fedtune.studies.runner import adopt_records, grid, record_index, run_study, unfinished_runs, write_csv
 
     seeds = list(args.seeds) if args.seeds is not None else list(study.seeds)
     validate(study, size, extra)  # every variant's config, before any run starts
     start = time.perf_counter()
-    missing = unfinished_runs(study, runs, size, seeds, extra) if args.finished_only else []
-    rows = run_study(study, runs, size, seeds, args.jobs, finished_only=args.finished_only, extra=extra)
+    records = Path(args.records) if getattr(args, "records", None) else None
+    if records is not None and getattr(args, "report", None):  # a built-in study: reuse the other studies' records
+        adopted = adopt_records(grid(study, runs, size, seeds, extra, records), record_index([Path(args.report)]))
+        if adopted:
+            print(f"{adopted} runs reused from other studies' records in {args.report}")
+    missing = unfinished_runs(study, runs, size, seeds, extra, records) if args.finished_only else []
+    rows = run_study(study, runs, size, seeds, args.jobs, finished_only=args.finished_only, extra=extra, records=records)
     if not rows:
         raise UsageError(f"no finished runs of {study.name} (size {size}) under {runs}")
     wall = sum(float(r["wall_seconds"]) for r in rows)
@@ -74,8 +81,10 @@ def cmd_study(args: argparse.Namespace) -> int:
     from fedtune.studies.runner import study_named
 
     out, report_dir = Path(args.out), Path(args.report)
-    _check_common(args, ("--out", out), ("--report", report_dir))
     study, skipped = _pick_settings(study_named(args.study), args.settings)
+    if args.records is None:
+        args.records = str(report_dir / study.name / "runs")
+    _check_common(args, ("--out", out), ("--report", report_dir), ("--records", Path(args.records)))
     report = report_dir / f"{study.name}.md"
     return _run_and_report(study, out, report, report_dir / study.name, report_dir / f"{study.name}.csv", args, args.size, [], skipped)
 
@@ -90,7 +99,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if stray:
         raise UsageError(f"unexpected argument {stray[0]!r}: give one file and key=value overrides")
     out = Path(args.out)
-    _check_common(args, ("--out", out))
+    _check_common(args, ("--out", out), *((("--records", Path(args.records)),) if args.records else ()))
     if is_comparison_file(source):
         if args.methods:
             raise UsageError(f"{source} is a comparison file with its own variants; --methods is for a run config")
@@ -111,6 +120,10 @@ def add_study_command(sub: Any) -> None:
         parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (default 1)")
         parser.add_argument(
             "--finished-only", action="store_true", help="run nothing: report the runs already finished, and list the missing ones"
+        )
+        parser.add_argument(
+            "--records", default=None, help="keep each finished run's config, metrics and summary here, and reuse them "
+            "(study: default <report>/<NAME>/runs)"
         )
 
     compare = sub.add_parser("compare", help="compare methods on your config: paired statistics, costs, Pareto view")

@@ -8,6 +8,7 @@ A comparison file is YAML, validated like a run config::
     seeds: [0, 1, 2]
     reference: FedIT             # paired differences are taken against it (default: the first variant)
     metric: accuracy             # default: the task's primary metric
+    reach: 0.4                   # optional: report the uplink each run needed to first reach this metric value
     variants:
       FedIT: {method: fedit}
       FFA-LoRA: {method: ffa-lora, lr: 0.01}
@@ -15,7 +16,10 @@ A comparison file is YAML, validated like a run config::
     settings:                    # optional: several tasks or budgets, each with its own base/overrides
       sst2: {base: configs/glue.yaml, overrides: {dataset: glue/sst2}}
     sizes: {cpu: {...}, gpu: {...}}   # optional named budgets (``--size``), per file or per setting
-    claims: [...]                # what the comparison tests, printed in its report
+    claims:                      # what the comparison tests: a sentence, or a paired test with a verdict
+      - sharing B is enough
+      - {text: FFA-LoRA matches FedIT, variant: FFA-LoRA, against: FedIT, expect: not-worse, source: seed 001}
+      - {text: personalised beats the floor, variant: Fed-ALoRA, against: majority-class floor, metric: personal_accuracy}
     notes: [...]
 
 Everything a run would refuse (an unknown method or key, a missing base file) is found here,
@@ -26,14 +30,14 @@ before any run starts, and named by its variant. The built-in studies are such f
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from fedtune.config import ConfigSection, describe_validation_error, load_config
 from fedtune.errors import UsageError
-from fedtune.studies.definitions import DEFAULT_SIZE, Setting, Study
+from fedtune.studies.definitions import DEFAULT_SIZE, FLOOR, Claim, Setting, Study
 
 ROOT = Path(__file__).resolve().parents[3]
 STUDY_DIR = ROOT / "configs" / "studies"
@@ -48,6 +52,16 @@ class SettingSpec(ConfigSection):
     variants: dict[str, Overrides] | None = None  # default: the file's variants
 
 
+class ClaimSpec(ConfigSection):
+    text: str
+    variant: str | None = None
+    against: str | None = None
+    expect: Literal["better", "worse", "not-worse"] = "better"
+    metric: str | None = None
+    settings: list[str] = []
+    source: str = ""
+
+
 class ComparisonFile(ConfigSection):
     name: str | None = None
     question: str = ""
@@ -60,9 +74,28 @@ class ComparisonFile(ConfigSection):
     metric: str | None = None
     settings: dict[str, SettingSpec] | None = None
     extra_metrics: list[str] = []
+    reach: float | None = None
     analyze: bool = False
-    claims: list[str] = []
+    claims: list[Any] = []  # sentences, or ClaimSpec mappings (checked below, one clear error each)
     notes: list[str] = []
+
+    @field_validator("claims", mode="before")
+    @classmethod
+    def _claims_are_sentences_or_tests(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            raise ValueError("must be a list of sentences or {text, variant, against, expect, metric} mappings")
+        out = []
+        for i, item in enumerate(value):
+            if isinstance(item, str):
+                out.append(item)
+            elif isinstance(item, dict):
+                try:
+                    out.append(ClaimSpec.model_validate(item))
+                except ValidationError as err:
+                    raise ValueError(f"claim {i + 1}: {describe_validation_error(err).removeprefix('invalid config: ')}") from None
+            else:
+                raise ValueError(f"claim {i + 1} must be a sentence or a mapping, got {type(item).__name__}")
+        return out
 
     @field_validator("variants", mode="before")
     @classmethod
@@ -141,18 +174,37 @@ def to_study(spec: ComparisonFile, default_name: str, folder: Path) -> Study:
     missing = [s.name for s in settings if reference not in s.variants]
     if missing:
         raise UsageError(f"reference {reference!r} is not a variant of setting {missing[0]!r} (variants: {', '.join(settings[0].variants)})")
+    claims = tuple(_claim(c, settings, reference) for c in spec.claims)
     return Study(
         spec.name or default_name,
         spec.question,
         tuple(settings),
         extra_metrics=tuple(spec.extra_metrics),
         analyze=spec.analyze,
-        claims=tuple(spec.claims),
+        claims=claims,
         notes=tuple(spec.notes),
         reference=reference,
         metric=spec.metric,
         seeds=tuple(spec.seeds),
+        reach=spec.reach,
     )
+
+
+def _claim(spec: str | ClaimSpec, settings: list[Setting], reference: str) -> Claim:
+    if isinstance(spec, str):
+        return Claim(spec)
+    names = [s.name for s in settings]
+    unknown = [name for name in spec.settings if name not in names]
+    if unknown:
+        raise UsageError(f"claim {spec.text!r}: no setting {unknown[0]!r} (settings: {', '.join(names)})")
+    chosen = [s for s in settings if not spec.settings or s.name in spec.settings]
+    against = spec.against or reference
+    for label in (spec.variant, against if against != FLOOR else None):
+        if label is not None and not any(label in s.variants for s in chosen):
+            raise UsageError(f"claim {spec.text!r}: {label!r} is not a variant (variants: {', '.join(chosen[0].variants)})")
+    if spec.variant is None and spec.against is not None:
+        raise UsageError(f"claim {spec.text!r}: 'against' needs a 'variant' to compare with it")
+    return Claim(spec.text, spec.variant, against, spec.expect, spec.metric, tuple(spec.settings), spec.source)
 
 
 def quick_comparison(config: Path, methods: list[str], seeds: list[int]) -> Study:

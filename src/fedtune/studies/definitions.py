@@ -24,6 +24,24 @@ class Setting:
     base_path: Path | None = None  # where ``base`` was found
 
 
+#: ``against`` value that compares a variant with its own majority-class floor (per seed)
+FLOOR = "majority-class floor"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A claim the comparison tests: ``variant`` minus ``against`` on ``metric``, paired by seed,
+    is expected ``better`` / ``worse`` / ``not-worse``. Without ``variant`` it is only printed."""
+
+    text: str
+    variant: str | None = None
+    against: str | None = None  # default: the study's reference; FLOOR: the run's own majority-class score
+    expect: str = "better"
+    metric: str | None = None  # default: each setting's compared metric
+    settings: tuple[str, ...] = ()  # default: every setting that has the variant
+    source: str = ""  # where the claim comes from (a paper, a seed)
+
+
 @dataclass(frozen=True)
 class Study:
     name: str
@@ -32,7 +50,7 @@ class Study:
     #: per-run metrics worth a column in the report, besides the primary metric
     extra_metrics: tuple[str, ...] = ()
     analyze: bool = False  # run `fedtune analyze` on every run (the initialisation study)
-    claims: tuple[str, ...] = field(default_factory=tuple)
+    claims: tuple[Claim, ...] = field(default_factory=tuple)
     #: how the budget or hyper-parameters were chosen, what changed: printed in the report
     notes: tuple[str, ...] = field(default_factory=tuple)
     #: the variant paired differences are taken against (default: the first)
@@ -40,6 +58,8 @@ class Study:
     #: the metric compared (default: each task's primary metric)
     metric: str | None = None
     seeds: tuple[int, ...] = (0, 1, 2)
+    #: a value of the compared metric: the report gives each run's uplink until it first got there
+    reach: float | None = None
 
 
 def studies() -> dict[str, Study]:

@@ -20,8 +20,8 @@ import torch
 from fedtune.atomic import write_text
 from fedtune.plots import line_plot, scatter_plot
 from fedtune.rundir import read_metrics
-from fedtune.studies.definitions import Study
-from fedtune.studies.runner import RUNTIME_COLUMNS, lower_is_better
+from fedtune.studies.definitions import FLOOR, Study
+from fedtune.studies.runner import RUNTIME_COLUMNS, lower_is_better, write_csv
 
 
 def mean_std(values: Sequence[float | None]) -> tuple[float, float, int]:
@@ -206,6 +206,7 @@ def write_report(
         metric = setting_rows[0]["primary_metric"]
         lines += [f"## {setting.name}", "", f"Base config `{setting.base or 'inline'}` with the `{size}` overrides {setting.overrides[size]}.", ""]
         lines += _variant_table(study, setting, setting_rows, metric, bool(missing))
+        lines += _floor_lines(setting_rows)
         if len(setting.variants) > 1:
             lines += _paired_lines(setting_rows, list(setting.variants), reference, metric)
         if not study.analyze:
@@ -216,9 +217,106 @@ def write_report(
     if study.notes:
         lines += ["## Notes", ""] + [f"- {note}" for note in study.notes] + [""]
     if study.claims:
-        lines += ["## Claims under test", ""] + [f"- {claim}" for claim in study.claims] + [""]
+        verdicts = claim_verdicts(study, rows)
+        lines += _claim_lines(study, verdicts)
+        if verdicts:
+            write_csv(verdicts, path.with_name(f"{path.stem}-claims.csv"))
     write_text(path, "\n".join(lines))
     return path
+
+
+def _floor_lines(setting_rows: list[dict[str, Any]]) -> list[str]:
+    """The scores of always answering the most frequent training class (they depend on the
+    seed's partition only, so every variant of a seed has the same)."""
+    parts = []
+    for column, where in (("majority_class_accuracy", "global test set"), ("personal_majority_class_accuracy", "clients' own test splits, mean over clients")):
+        by_seed = {int(r["seed"]): float(r[column]) for r in setting_rows if r.get(column) not in (None, "")}
+        if by_seed:
+            parts.append(f"{fmt(list(by_seed.values()))} on the {where}")
+    if not parts:
+        return []
+    return [
+        f"Majority-class floor (each answer the most frequent training class; mean ± std over seeds): {'; '.join(parts)}. "
+        "A personalised accuracy is judged against its floor, not against global accuracy.",
+        "",
+    ]
+
+
+# -- claims and their verdicts ---------------------------------------------------------------------
+def _metric_value(row: dict[str, Any], metric: str) -> float | None:
+    value = row["final"] if metric == row["primary_metric"] else row.get(f"final_{metric}", row.get(metric))
+    return None if value is None or value != value else float(value)
+
+
+def _floor_value(row: dict[str, Any], metric: str) -> float | None:
+    column = "personal_majority_class_accuracy" if metric.startswith("personal_") else "majority_class_accuracy"
+    value = row.get(column) if metric.removeprefix("personal_") == "accuracy" else None
+    return None if value is None or value == "" else float(value)
+
+
+VERDICT = {
+    "better": {"better": "held", "worse": "not held"},
+    "worse": {"worse": "held", "better": "not held"},
+    "not-worse": {"better": "held", "worse": "not held"},
+}
+
+
+def claim_verdicts(study: Study, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (claim with a variant, setting that has it): the paired difference and its verdict."""
+    out = []
+    for claim in study.claims:
+        if claim.variant is None:
+            continue
+        for setting in study.settings:
+            if claim.settings and setting.name not in claim.settings:
+                continue
+            setting_rows = [r for r in rows if r["setting"] == setting.name]
+            if claim.variant not in setting.variants or not setting_rows:
+                continue
+            if claim.against != FLOOR and claim.against not in setting.variants:
+                continue
+            metric = claim.metric or setting_rows[0]["primary_metric"]
+            mine = {int(r["seed"]): _metric_value(r, metric) for r in setting_rows if r["variant"] == claim.variant}
+            if claim.against == FLOOR:
+                theirs = {int(r["seed"]): _floor_value(r, metric) for r in setting_rows if r["variant"] == claim.variant}
+            else:
+                theirs = {int(r["seed"]): _metric_value(r, metric) for r in setting_rows if r["variant"] == claim.against}
+            mine = {k: v for k, v in mine.items() if v is not None}
+            theirs = {k: v for k, v in theirs.items() if v is not None}
+            paired = paired_difference(mine, theirs, lower_is_better(metric))
+            row = {"claim": claim.text, "source": claim.source, "setting": setting.name, "variant": claim.variant,
+                   "against": claim.against, "metric": metric, "expect": claim.expect}  # fmt: skip
+            if paired is None:
+                out.append({**row, "seeds": 0, "mean": None, "low": None, "high": None, "verdict": "no seeds in common"})
+                continue
+            verdict = VERDICT[claim.expect].get(paired.verdict, paired.verdict)
+            low, high = (None, None) if math.isnan(paired.low) else (paired.low, paired.high)
+            out.append({**row, "seeds": paired.seeds, "mean": paired.mean, "low": low, "high": high, "verdict": verdict})
+    return out
+
+
+def _claim_lines(study: Study, verdicts: list[dict[str, Any]]) -> list[str]:
+    lines = ["## Claims", ""]
+    untested = [c.text + (f" ({c.source})" if c.source else "") for c in study.claims if c.variant is None]
+    if verdicts:
+        lines += [
+            "Each claim as a paired difference (variant minus what it is compared with, same seed; mean and 95 % t interval): "
+            "held or not held when the interval excludes zero in one direction, not distinguishable when it straddles zero.",
+            "",
+            "| claim | source | setting | comparison | metric | seeds | difference | 95 % interval | verdict |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for v in verdicts:
+            mean = "–" if v["mean"] is None else f"{v['mean']:+.4f}"
+            interval = "–" if v["low"] is None else f"[{v['low']:+.4f}, {v['high']:+.4f}]"
+            lines.append(
+                f"| {v['claim']} | {v['source'] or '–'} | {v['setting']} | `{v['variant']}` − `{v['against']}` ({v['expect']}) "
+                f"| {v['metric']} | {v['seeds']} | {mean} | {interval} | **{v['verdict']}** |"
+            )
+        lines.append("")
+    if untested:
+        lines += (["Also stated, not tested by a paired difference:", ""] if verdicts else []) + [f"- {t}" for t in untested] + [""]
+    return lines
 
 
 def _variant_table(study: Study, setting: Any, setting_rows: list[dict[str, Any]], metric: str, with_counts: bool) -> list[str]:
@@ -228,6 +326,7 @@ def _variant_table(study: Study, setting: Any, setting_rows: list[dict[str, Any]
     header = [
         "variant", *(["runs"] if with_counts else []), f"final {metric}", f"best {metric}",
         *[c.removeprefix("final_") for c in final_columns], *extra_columns, *similarity,
+        *([f"uplink to {metric} {'≤' if lower_is_better(metric) else '≥'} {study.reach:g} (MiB)"] if study.reach is not None else []),
         "uplink / run (MiB)", "downlink / run (MiB)", "client training memory (MiB)", "wall / run (s)",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -239,6 +338,10 @@ def _variant_table(study: Study, setting: Any, setting_rows: list[dict[str, Any]
         cells += [fmt([r.get(c) for r in vr]) for c in final_columns]
         cells += [_extra_cell([r.get(c) for r in vr], c) for c in extra_columns]
         cells += [fmt([r.get(c) for r in vr], digits=3) for c in similarity]
+        if study.reach is not None:
+            reached = [r["bytes_up_to_reach"] for r in vr if r.get("bytes_up_to_reach") not in (None, "")]
+            cell = fmt(reached, 2**-20, 2) if reached else "not reached"
+            cells.append(cell + (f" ({len(reached)} of {len(vr)} runs)" if reached and len(reached) < len(vr) else ""))
         cells += [fmt([r["total_bytes_up"] for r in vr], 2**-20, 2), fmt([r["total_bytes_down"] for r in vr], 2**-20, 2)]
         cells += [fmt([r.get("client_train_state_bytes") for r in vr], 2**-20, 1), fmt([r["wall_seconds"] for r in vr], digits=0)]
         lines.append("| " + " | ".join(cells) + " |")

@@ -5,6 +5,12 @@ Runs go to ``RUNS/<setting>/<variant>/seed<k>/`` (ordinary run directories). A r
 but only when its stored config is the one the study asks for now: a run left from an
 earlier definition (another learning rate, say) is run again rather than reported.
 
+With ``records``, each finished run's record (its resolved config, ``metrics.jsonl`` and
+``summary.json``: kilobytes, no adapters or checkpoints) is copied to
+``RECORDS/<setting>/<variant>/seed<k>/``, and a record whose config matches is reused like a
+finished run. The records are what a study keeps in the repository (``docs/results/<study>/runs/``),
+so a later session, on another machine, continues the study instead of starting it over.
+
 ``jobs > 1`` runs that many runs at once, each in its own process: a small model leaves a
 large GPU mostly idle, and separate processes keep one run's CPU-side work (data, kernel
 launches) from stalling another's. Runs are independent and seeded, so the rows are the
@@ -75,29 +81,85 @@ def reusable(out: Path, config_text: str) -> bool:
     return then == RunConfig.model_validate(yaml.safe_load(config_text)).model_dump(mode="json")
 
 
-def run_one(base: Path | None, overrides: list[str], out: Path) -> dict[str, Any]:
+#: what a run's record keeps: enough to report it and to tell whether it is still the run asked for
+RECORD_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
+
+
+def save_record(run_dir: Path, record: Path) -> None:
+    record.mkdir(parents=True, exist_ok=True)
+    for name in RECORD_FILES[:-1] + ("similarity.json",):
+        if (run_dir / name).exists():
+            write_text(record / name, (run_dir / name).read_text(encoding="utf-8"))
+    write_text(record / "summary.json", (run_dir / "summary.json").read_text(encoding="utf-8"))  # last: it marks the record done
+
+
+def _canonical(config: RunConfig) -> str:
+    return json.dumps(config.model_dump(mode="json"), sort_keys=True)
+
+
+def record_index(roots: list[Path]) -> dict[str, Path]:
+    """Every finished record under ``roots`` (``<root>/<study>/runs/...``), by its resolved
+    config, so that two studies asking for one run (the same FedIT at the same budget and
+    seed) run it once."""
+    index: dict[str, Path] = {}
+    for root in roots:
+        for summary in sorted(root.glob("*/runs/*/*/seed*/summary.json")):
+            try:
+                index.setdefault(_canonical(load_config(summary.parent / "config.yaml")), summary.parent)
+            except (UsageError, OSError):  # a record of a setting that no longer exists
+                continue
+    return index
+
+
+def adopt_records(todo: list[tuple[Any, Spec]], index: dict[str, Path]) -> int:
+    """Copy a matching record from another study into each unfinished run's record place."""
+    adopted = 0
+    for _, (base, overrides, run_dir, record) in todo:
+        if record is None or _finished((base, overrides, run_dir, record)):
+            continue
+        found = index.get(_canonical(load_config(base, overrides)))
+        if found is not None and found != record:
+            save_record(found, record)
+            adopted += 1
+    return adopted
+
+
+def run_one(base: Path | None, overrides: list[str], out: Path, record: Path | None = None) -> dict[str, Any]:
     config = load_config(base, overrides)
-    if reusable(out, dump_config(config)):
-        return json.loads((out / "summary.json").read_text())
-    if (out / "summary.json").exists():
-        tqdm.write(f"{out}: its config differs from the comparison's now; running it again", file=sys.stderr)
-    simulator = Simulator(build_federation(config), RunDir.create(out, overwrite=True))
-    summary = simulator.run()
-    del simulator
-    gc.collect()
-    return summary
+    text = dump_config(config)
+    if record is not None and reusable(record, text):
+        return json.loads((record / "summary.json").read_text())
+    if not reusable(out, text):
+        if (out / "summary.json").exists():
+            tqdm.write(f"{out}: its config differs from the comparison's now; running it again", file=sys.stderr)
+        simulator = Simulator(build_federation(config), RunDir.create(out, overwrite=True))
+        simulator.run()
+        del simulator
+        gc.collect()
+    if record is not None:
+        save_record(out, record)
+    return json.loads((out / "summary.json").read_text())
 
 
 def similarity_means(run_dir: Path) -> dict[str, float]:
-    """Mean A / B / dW subspace similarity over client pairs (``fedtune analyze``)."""
+    """Mean A / B / dW subspace similarity over client pairs (``fedtune analyze``), kept in
+    ``similarity.json`` so that a run's record carries it without the adapters it needs."""
     from fedtune.analysis import analyze
     from fedtune.analysis.report import summarize, write_report
 
+    stored = run_dir / "similarity.json"
+    if stored.exists():  # a rerun replaces the whole run directory, this file with it
+        return json.loads(stored.read_text())
     analysis = analyze(run_dir)
     write_report(analysis, run_dir / "analysis")
     block = summarize(analysis)["similarity"].get("clients", {})
-    return {f"similarity_{m}": block.get(m) for m in ("A", "B", "dW")}
+    means = {f"similarity_{m}": block.get(m) for m in ("A", "B", "dW")}
+    write_text(stored, json.dumps(means) + "\n")
+    return means
 
+
+#: what always answering the most frequent training class scores (global, personalised), from the run's data
+FLOOR_COLUMNS = ("majority_class_accuracy", "personal_majority_class_accuracy")
 
 #: what every run reports about its runtime, worth a column when a setting's runs have it
 RUNTIME_COLUMNS = ("train_tokens_per_second", "gpu_peak_memory_bytes")
@@ -113,40 +175,59 @@ def _limit_threads(threads: int) -> None:
     quiet_libraries()
 
 
-def _run_in_worker(job: tuple[Path | None, list[str], Path]) -> dict[str, Any]:
+def _run_in_worker(job: Spec) -> dict[str, Any]:
     return run_one(*job)
 
 
-Spec = tuple[Path | None, list[str], Path]  # (base config, overrides, run directory)
+Spec = tuple[Path | None, list[str], Path, Path | None]  # (base config, overrides, run directory, record directory)
 
 
-def grid(study: Study, runs: Path, size: str, seeds: list[int], extra: list[str] = ()) -> list[tuple[tuple[Any, str, int], Spec]]:
-    """((setting, variant label, seed), (base config, overrides, run directory)) for every run.
-    ``extra`` (the command line's key=value) applies over everything else."""
+def grid(
+    study: Study, runs: Path, size: str, seeds: list[int], extra: list[str] = (), records: Path | None = None
+) -> list[tuple[tuple[Any, str, int], Spec]]:
+    """((setting, variant label, seed), (base config, overrides, run directory, record directory))
+    for every run. ``extra`` (the command line's key=value) applies over everything else."""
     out = []
     for setting in study.settings:
         for label, variant in setting.variants.items():
             for seed in seeds:
                 overrides = override_list({**setting.overrides[size], **variant, "seed": seed, "progress": False}) + list(extra)
-                out.append(((setting, label, seed), (setting.base_path, overrides, runs / setting.name / slug(label) / f"seed{seed}")))
+                where = Path(setting.name) / slug(label) / f"seed{seed}"
+                out.append(((setting, label, seed), (setting.base_path, overrides, runs / where, records / where if records else None)))
     return out
 
 
 def _finished(spec: Spec) -> bool:
-    base, overrides, run_dir = spec
-    return reusable(run_dir, dump_config(load_config(base, overrides)))
+    base, overrides, run_dir, record = spec
+    text = dump_config(load_config(base, overrides))
+    return reusable(run_dir, text) or (record is not None and reusable(record, text))
 
 
-def unfinished_runs(study: Study, runs: Path, size: str, seeds: list[int], extra: list[str] = ()) -> list[str]:
+def _reported_dir(spec: Spec) -> Path:
+    """Where a finished run's metrics are read: its record when there is one (the run
+    directory may be on another machine), else its run directory."""
+    _, _, run_dir, record = spec
+    return record if record is not None and (record / "summary.json").exists() else run_dir
+
+
+def unfinished_runs(study: Study, runs: Path, size: str, seeds: list[int], extra: list[str] = (), records: Path | None = None) -> list[str]:
     """'setting / variant / seed k' of every run of the grid not finished with its current config."""
-    return [f"{s.name} / {label} / seed {seed}" for (s, label, seed), spec in grid(study, runs, size, seeds, extra) if not _finished(spec)]
+    todo = grid(study, runs, size, seeds, extra, records)
+    return [f"{s.name} / {label} / seed {seed}" for (s, label, seed), spec in todo if not _finished(spec)]
 
 
 def run_study(
-    study: Study, runs: Path, size: str, seeds: list[int], jobs: int = 1, finished_only: bool = False, extra: list[str] = ()
+    study: Study,
+    runs: Path,
+    size: str,
+    seeds: list[int],
+    jobs: int = 1,
+    finished_only: bool = False,
+    extra: list[str] = (),
+    records: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Run (or reuse) every run of the grid; ``finished_only`` runs nothing and collects the finished ones."""
-    todo = grid(study, runs, size, seeds, extra)
+    todo = grid(study, runs, size, seeds, extra, records)
     if finished_only:
         todo = [(key, spec) for key, spec in todo if _finished(spec)]
         if not todo:
@@ -168,14 +249,15 @@ def run_study(
             summaries.append(run_one(*spec))
             bar.update(1)
     bar.close()
-    return [_row(study, setting, label, seed, spec[2], summary) for ((setting, label, seed), spec), summary in zip(todo, summaries)]
+    return [_row(study, setting, label, seed, spec, summary) for ((setting, label, seed), spec), summary in zip(todo, summaries)]
 
 
 def lower_is_better(metric: str) -> bool:
     return metric.removeprefix("personal_").removeprefix("lowrank_") in ("loss", "perplexity")
 
 
-def _row(study: Study, setting: Any, label: str, seed: int, run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+def _row(study: Study, setting: Any, label: str, seed: int, spec: Spec, summary: dict[str, Any]) -> dict[str, Any]:
+    run_dir = _reported_dir(spec)
     history = read_metrics(run_dir)
     metric = study.metric or summary["primary_metric"]
     evaluated = [r[metric] for r in history if r.get(metric) is not None]
@@ -198,14 +280,24 @@ def _row(study: Study, setting: Any, label: str, seed: int, run_dir: Path, summa
     }
     for key, value in summary["final"].items():
         row[f"final_{key}"] = value
+    for key in FLOOR_COLUMNS:
+        if summary.get(key) is not None:
+            row[key] = summary[key]
     for key in RUNTIME_COLUMNS:
         if summary.get(key) is not None:
             row[key] = summary[key]
+    if study.reach is not None:
+        lower = lower_is_better(metric)
+        reached = [r for r in history if r.get(metric) is not None and (r[metric] <= study.reach if lower else r[metric] >= study.reach)]
+        row["bytes_up_to_reach"] = reached[0]["cumulative_bytes_up"] if reached else None
     for extra in study.extra_metrics:
         values = [r[extra] for r in history if extra in r]
         row[extra] = max(values) if extra.endswith("_bytes") else (values[-1] if values else None)
-    if study.analyze:
-        row.update(similarity_means(run_dir))
+    if study.analyze:  # needs the adapters: the run directory when it is here, else the record's stored result
+        source = spec[2] if (spec[2] / "summary.json").exists() else run_dir
+        row.update(similarity_means(source))
+        if spec[3] is not None and source != spec[3]:
+            save_record(source, spec[3])  # the record carries the similarity too
     return row
 
 
