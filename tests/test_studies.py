@@ -149,11 +149,27 @@ def test_settings_filter_runs_only_the_named_setting(tiny_study: Path, tmp_path:
     assert (out / "other-setting" / "fedit" / "seed0" / "summary.json").exists()
     assert not (out / "tiny-setting").exists()
     text = (report / "tiny.md").read_text()
-    assert "## other-setting" in text and "## tiny-setting" not in text and "the settings tiny-setting were not run" in text
+    assert "## other-setting" in text and "## tiny-setting" not in text and "not run for it: setting tiny-setting." in text
     capsys.readouterr()
     assert main(["study", "tiny", "--out", str(out), "--settings", "nope"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "has no setting 'nope'" in err
+
+
+def test_a_study_run_in_parts_by_variant(tiny_study: Path, tmp_path: Path, capsys) -> None:
+    out, report = tmp_path / "study", tmp_path / "docs"
+    assert main(["study", "tiny", "--out", str(out), "--seeds", "0", "--variants", "Fed-ALoRA", "--report", str(report)]) == 0
+    assert (report / "tiny" / "runs" / "tiny-setting" / "fed-alora" / "seed0" / "summary.json").exists()  # the record
+    assert not (out / "tiny-setting" / "fedit").exists()
+    assert "not run for it: variant FedIT." in (report / "tiny.md").read_text()
+    # the whole study later, from the records: FedIT is the one run still missing
+    assert main(["study", "tiny", "--out", str(tmp_path / "elsewhere"), "--seeds", "0", "--report", str(report), "--finished-only"]) == 0
+    text = (report / "tiny.md").read_text()
+    assert "1 of 2 runs finished; not finished: tiny-setting / FedIT / seed 0" in text
+    capsys.readouterr()
+    assert main(["study", "tiny", "--out", str(out), "--variants", "FedX"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "has no variant 'FedX'" in err
 
 
 def test_round_plots_tick_whole_rounds(tiny_study: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

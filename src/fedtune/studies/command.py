@@ -46,8 +46,21 @@ def _pick_settings(study: Any, names: list[str] | None) -> tuple[Any, list[str]]
     unknown = [name for name in names if name not in known]
     if unknown:
         raise UsageError(f"{study.name} has no setting {unknown[0]!r} (it has {', '.join(known)})")
-    skipped = [name for name in known if name not in names]
+    skipped = [f"setting {name}" for name in known if name not in names]
     return dataclasses.replace(study, settings=tuple(s for s in study.settings if s.name in names)), skipped
+
+
+def _pick_variants(study: Any, names: list[str] | None) -> tuple[Any, list[str]]:
+    """Only the named variants (a study run in parts; the others' records are reported later)."""
+    if not names:
+        return study, []
+    known = list(dict.fromkeys(label for s in study.settings for label in s.variants))
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise UsageError(f"{study.name} has no variant {unknown[0]!r} (it has {', '.join(known)})")
+    settings = tuple(dataclasses.replace(s, variants={k: v for k, v in s.variants.items() if k in names}) for s in study.settings)
+    settings = tuple(s for s in settings if s.variants)
+    return dataclasses.replace(study, settings=settings), [f"variant {name}" for name in known if name not in names]
 
 
 def _run_and_report(
@@ -82,6 +95,8 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     out, report_dir = Path(args.out), Path(args.report)
     study, skipped = _pick_settings(study_named(args.study), args.settings)
+    study, skipped_variants = _pick_variants(study, args.variants)
+    skipped += skipped_variants
     if args.records is None:
         args.records = str(report_dir / study.name / "runs")
     _check_common(args, ("--out", out), ("--report", report_dir), ("--records", Path(args.records)))
@@ -107,6 +122,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     else:
         study = quick_comparison(source, args.methods or [], list(args.seeds) if args.seeds is not None else [0, 1, 2])
     study, skipped = _pick_settings(study, args.settings)
+    study, skipped_variants = _pick_variants(study, args.variants)
+    skipped += skipped_variants
     size = args.size or (DEFAULT_SIZE if DEFAULT_SIZE in study.settings[0].overrides else next(iter(study.settings[0].overrides)))
     return _run_and_report(study, out / "runs", out / "report.md", out / "plots", out / "runs.csv", args, size, extra, skipped)
 
@@ -117,6 +134,7 @@ def add_study_command(sub: Any) -> None:
     def common(parser: Any) -> None:
         parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the file's, or 0 1 2)")
         parser.add_argument("--settings", nargs="+", default=None, help="run only these settings")
+        parser.add_argument("--variants", nargs="+", default=None, help="run only these variants (by label)")
         parser.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (default 1)")
         parser.add_argument(
             "--finished-only", action="store_true", help="run nothing: report the runs already finished, and list the missing ones"

@@ -195,7 +195,7 @@ def write_report(
         "",
     ]
     if skipped:
-        lines += [f"**Partial report**: the settings {', '.join(skipped)} were not run for it.", ""]
+        lines += [f"**Partial report**: not run for it: {'; '.join(skipped)}.", ""]
     if missing:
         lines += [f"**Partial report**: {len(rows)} of {len(rows) + len(missing)} runs finished; not finished: {'; '.join(missing)}.", ""]
     reference = study.reference or next(iter(study.settings[0].variants))
