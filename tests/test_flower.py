@@ -44,7 +44,7 @@ MALICIOUS = {
 }
 FLOWER = {"flower.client_cpus": 2, "fraction": 0.75}
 #: an image job: a tiny ViT on an image folder
-IMAGE = {"method": "fedit", "model": "tiny-vit", "batch_size": 8}
+IMAGE = {"method": "fedit", "model": "tiny-vit", "batch_size": 8, "eval_initial": True}
 
 
 def overrides_for(dataset: Path, extra: dict[str, object]) -> list[str]:
@@ -123,11 +123,15 @@ def test_crashed_and_malformed_replies_are_dropped_and_the_run_completes(flower_
 
 
 def test_an_image_job_on_flower_aggregates_what_the_simulator_aggregates(flower_runs: dict[str, Path]) -> None:
-    simulator, _ = run_tiny(overrides_for(flower_runs["images"], IMAGE))
+    simulator, summary = run_tiny(overrides_for(flower_runs["images"], IMAGE))
     flower_state = load_file(str(flower_runs["image"] / "checkpoint" / "server.safetensors"))
     ours = {k: v for k, v in simulator.server.items() if not is_bookkeeping(k)}
     assert max_abs_diff(ours, {k: flower_state[k] for k in ours}) <= 1e-6
     assert [r["accuracy"] for r in read_metrics(flower_runs["image"])] == [r["accuracy"] for r in simulator.history]
+    # eval_initial: the Flower server scores the starting model as the simulator does
+    flower_initial = json.loads((flower_runs["image"] / "summary.json").read_text())["initial"]
+    assert flower_initial["accuracy"] == summary["initial"]["accuracy"]
+    assert flower_initial["loss"] == pytest.approx(summary["initial"]["loss"], abs=1e-6)
 
 
 def test_malicious_clientapps_are_rejected_and_the_run_completes(flower_runs: dict[str, Path]) -> None:

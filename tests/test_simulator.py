@@ -144,3 +144,21 @@ def test_a_thousand_clients_fit_with_state_spilled_to_disk(tmp_path: Path) -> No
     assert len(sim.store.spilled) > 900
     for client in (0, 999):
         assert (tmp_path / "run" / "clients" / str(client) / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_eval_initial_scores_the_untrained_starting_model(cls_file: Path) -> None:
+    """``eval_initial``: the model every client starts from, scored here by hand in plain torch."""
+    overrides = tiny_overrides(cls_file, method="fedit", eval_initial=True)
+    _, summary = run_tiny(overrides)
+    fed = build_federation(load_config(None, overrides))
+    fed.binding.load(fed.initial_state())
+    model = fed.binding.model.eval()
+    losses, correct = [], 0
+    with torch.no_grad():
+        for example in fed.data.test:
+            logits = model(input_ids=example.input_ids[None], attention_mask=torch.ones_like(example.input_ids)[None]).logits[0]
+            losses.append(float(torch.nn.functional.cross_entropy(logits[None], torch.tensor([example.labels]))))
+            correct += int(int(logits.argmax()) == example.labels)
+    assert summary["initial"]["accuracy"] == correct / len(fed.data.test)
+    assert summary["initial"]["loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-5)
+    assert summary["initial"] != summary["final"] and "initial" not in run_tiny(tiny_overrides(cls_file, method="fedit"))[1]

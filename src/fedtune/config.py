@@ -157,6 +157,9 @@ class RunConfig(ConfigSection):
     personalised_eval: bool = True
     #: with heterogeneous ranks: also evaluate the model the lowest-rank client receives
     lowrank_eval: bool = False
+    #: also evaluate the model every client starts from (the base model, for LoRA methods) on the
+    #: global test set before round 1: the floor a study reports beside its metrics (summary ``initial``)
+    eval_initial: bool = False
     max_new_tokens: int = Field(256, gt=0, description="generation budget for exact-match evaluation")
     store_memory_mb: float = Field(1024.0, ge=0, description="client state kept in RAM before spilling to disk")
     min_replies: int = Field(1, gt=0, description="valid client replies needed to aggregate a round")

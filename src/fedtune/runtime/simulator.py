@@ -48,6 +48,7 @@ class Simulator:
         self.server_side = FederatedServer(fed, checkpoint_dir=checkpoint)
         self.client_checkpoint = ClientCheckpoint(checkpoint / "clients") if checkpoint else None
         self.history: list[dict[str, Any]] = []
+        self.initial_metrics: dict[str, float] | None = None
 
     @property
     def server(self) -> State:
@@ -120,6 +121,10 @@ class Simulator:
     def _evaluate_state(self, state: State, examples: list, scored: list) -> dict[str, float]:
         return self.fed.evaluate(state, examples, scored)
 
+    def evaluate_initial(self) -> dict[str, float]:
+        """The model every client starts from, before any training (``eval_initial``)."""
+        return self._evaluate_state(self.fed.initial_state(), self.fed.data.test, self.fed.data.scored_test)
+
     def evaluate_global(self) -> dict[str, float]:
         return self._evaluate_state(self.global_state(), self.fed.data.test, self.fed.data.scored_test)
 
@@ -155,6 +160,8 @@ class Simulator:
             if self.method.uses_lora and done == 0:
                 self._save_initial_states()
         trackers = Trackers.open(self.config, self.run_dir.path if self.run_dir else None, resumed=resume)
+        # deterministic, so a resumed run measures it again rather than storing it
+        self.initial_metrics = self.evaluate_initial() if self.config.eval_initial else None
         try:
             summary = self._rounds(done, run_start, trackers)
         except BaseException:
@@ -228,6 +235,7 @@ class Simulator:
             "device": str(fed.device),
             "accelerator": torch.cuda.get_device_name(fed.device) if fed.device.type == "cuda" else None,
             "seed": self.config.seed,
+            **({"initial": self.initial_metrics} if self.initial_metrics else {}),
         }
 
     # -- checkpoints ------------------------------------------------------------------------

@@ -233,13 +233,18 @@ def _floor_lines(setting_rows: list[dict[str, Any]]) -> list[str]:
         by_seed = {int(r["seed"]): float(r[column]) for r in setting_rows if r.get(column) not in (None, "")}
         if by_seed:
             parts.append(f"{fmt(list(by_seed.values()))} on the {where}")
-    if not parts:
-        return []
-    return [
-        f"Majority-class floor (each answer the most frequent training class; mean ± std over seeds): {'; '.join(parts)}. "
-        "A personalised accuracy is judged against its floor, not against global accuracy.",
-        "",
-    ]
+    lines = []
+    if parts:
+        lines += [
+            f"Majority-class floor (each answer the most frequent training class; mean ± std over seeds): {'; '.join(parts)}. "
+            "A personalised accuracy is judged against its floor, not against global accuracy.",
+            "",
+        ]
+    metric = setting_rows[0]["primary_metric"]
+    initial = {int(r["seed"]): float(r[f"initial_{metric}"]) for r in setting_rows if r.get(f"initial_{metric}") not in (None, "")}
+    if initial:
+        lines += [f"Before training (the model every client starts from: the base model for LoRA methods), {metric} on the global test set: {fmt(list(initial.values()))} (mean ± std over seeds).", ""]
+    return lines
 
 
 # -- claims and their verdicts ---------------------------------------------------------------------

@@ -280,6 +280,8 @@ def _row(study: Study, setting: Any, label: str, seed: int, spec: Spec, summary:
     }
     for key, value in summary["final"].items():
         row[f"final_{key}"] = value
+    for key, value in (summary.get("initial") or {}).items():
+        row[f"initial_{key}"] = value
     for key in FLOOR_COLUMNS:
         if summary.get(key) is not None:
             row[key] = summary[key]

@@ -58,6 +58,7 @@ def _run(grid: Grid, config: RunConfig, out: Path, run_dir: RunDir, fed: Any, re
     def global_eval() -> dict[str, float]:
         return fed.evaluate(fed.method.global_state(server.state, fed.initial_state(None)), fed.data.test, fed.data.scored_test)
 
+    initial = fed.evaluate(fed.initial_state(None), fed.data.test, fed.data.scored_test) if config.eval_initial else None
     # no state or export dirs for the clients: each node writes only where its own config says
     strategy = FedtuneStrategy(server, global_eval=global_eval)
     cumulative = [sum(r["bytes_up"] for r in history), sum(r["bytes_down"] for r in history)]
@@ -95,6 +96,7 @@ def _run(grid: Grid, config: RunConfig, out: Path, run_dir: RunDir, fed: Any, re
         "failed_replies": sum(r.get("failed_replies", 0) for r in history),
         "max_model_loads_per_process": max((r.get("model_loads", 0) for r in history), default=0),
         **describe(fed),
+        **({"initial": initial} if initial else {}),
     }
     run_dir.write_summary(summary)
     plot_run(history, out / "plots", primary, title=f"{fed.method.name} (flower)")
