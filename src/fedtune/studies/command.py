@@ -85,7 +85,7 @@ def _run_and_report(
     wall = sum(float(r["wall_seconds"]) for r in rows)
     write_csv(rows, csv)
     command = _command_line(args)
-    path = write_report(study, rows, report, size, seeds, wall, command, skipped, missing, figures=figures)
+    path = write_report(study, rows, report, size, seeds, wall, command, skipped, missing, figures=figures, csv_name=csv.name)
     print(f"{len(rows)} runs in {(time.perf_counter() - start) / 60:.1f} min; report: {path}")
     return 0
 

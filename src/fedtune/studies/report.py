@@ -177,9 +177,10 @@ def write_report(
     skipped: Sequence[str] = (),
     missing: Sequence[str] = (),
     figures: Path | None = None,
+    csv_name: str | None = None,
 ) -> Path:
     """The Markdown report at ``path``, its plots in ``figures`` (default: beside it, in a folder
-    named like the report)."""
+    named like the report); ``csv_name``: the runs' CSV beside it (default: named like the report)."""
     figures = figures or path.parent / path.stem
     link = os.path.relpath(figures, path.parent)
     precisions = sorted({str(r.get("precision", "fp32")) for r in rows})
@@ -191,7 +192,7 @@ def write_report(
         f"- Report written on: {hardware()}.",
         f"- Runs' device and precision (from their summaries): {', '.join(sorted({str(r.get('device')) for r in rows}))}, {', '.join(precisions)}.",
         f"- Wall time of the runs: {wall_seconds / 60:.1f} min, summed over runs (runs reused from an earlier invocation count their own time; runs made with `--jobs` overlap).",
-        f"- Reproduce: `{command}`; every run directory is listed in `{path.with_suffix('.csv').name}`.",
+        f"- Reproduce: `{command}`; every run directory is listed in `{csv_name or path.with_suffix('.csv').name}`.",
         "",
     ]
     if skipped:
