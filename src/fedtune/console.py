@@ -74,3 +74,13 @@ def quiet_libraries() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|torch)\.")
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*")
+
+
+def worker_setup(threads: int) -> None:
+    """A worker process's set-up (``--jobs``): its share of the cores, and the parent's quiet
+    libraries. It lives here, not beside the pool, so that a spawned worker unpickles it without
+    importing the model libraries first (bitsandbytes speaks on import)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    quiet_libraries()

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from fedtune.atomic import write_text
 from fedtune.config import RunConfig, dump_config, load_config
+from fedtune.console import worker_setup
 from fedtune.errors import UsageError
 from fedtune.rundir import RunDir, read_metrics
 from fedtune.runtime.engine import build_federation
@@ -165,16 +166,6 @@ FLOOR_COLUMNS = ("majority_class_accuracy", "personal_majority_class_accuracy")
 RUNTIME_COLUMNS = ("train_tokens_per_second", "gpu_peak_memory_bytes")
 
 
-def _limit_threads(threads: int) -> None:
-    """A worker process's set-up: its share of the cores, and the parent's quiet libraries."""
-    import torch
-
-    from fedtune.console import quiet_libraries
-
-    torch.set_num_threads(threads)
-    quiet_libraries()
-
-
 def _run_in_worker(job: Spec) -> dict[str, Any]:
     return run_one(*job)
 
@@ -238,7 +229,7 @@ def run_study(
         # spawn, not fork: a forked child of a process that touched CUDA cannot use it
         context = multiprocessing.get_context("spawn")
         threads = max(1, (os.cpu_count() or 1) // jobs)
-        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_limit_threads, initargs=(threads,)) as pool:
+        with ProcessPoolExecutor(jobs, mp_context=context, initializer=worker_setup, initargs=(threads,)) as pool:
             summaries = []
             for summary in pool.map(_run_in_worker, specs):
                 summaries.append(summary)
