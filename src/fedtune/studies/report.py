@@ -293,7 +293,8 @@ def claim_verdicts(study: Study, rows: list[dict[str, Any]]) -> list[dict[str, A
             row = {"claim": claim.text, "source": claim.source, "setting": setting.name, "variant": claim.variant,
                    "against": claim.against, "metric": metric, "expect": claim.expect}  # fmt: skip
             if paired is None:
-                out.append({**row, "seeds": 0, "mean": None, "low": None, "high": None, "verdict": "no seeds in common"})
+                verdict = "not run yet" if not mine or not theirs else "no seeds in common"
+                out.append({**row, "seeds": 0, "mean": None, "low": None, "high": None, "verdict": verdict})
                 continue
             verdict = VERDICT[claim.expect].get(paired.verdict, paired.verdict)
             low, high = (None, None) if math.isnan(paired.low) else (paired.low, paired.high)
