@@ -12,7 +12,8 @@ from fedtune.methods import METHODS
 from fedtune.models.loading import BUILTIN_MODELS
 
 ALL = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
-CONFIGS = [p for p in ALL if p.parent.name not in ("multitask", "studies")]  # studies: test_studies.py
+# studies and their sweeps are comparison files (test_studies.py); the studies' shared bases are run configs
+CONFIGS = [p for p in ALL if p.parent.name != "multitask" and ("studies" not in p.parts or p.parent.name == "bases")]
 MULTITASK = [p for p in ALL if p.parent.name == "multitask"]
 
 
