@@ -178,6 +178,22 @@ def test_a_run_two_studies_share_is_run_once(tmp_path: Path, job: Path) -> None:
     assert adopt_records(changed, record_index([pool])) == 0
 
 
+def test_claims_of_variants_not_run_yet_say_so(tmp_path: Path, job: Path) -> None:
+    from fedtune.studies.comparison import load_comparison
+    from fedtune.studies.report import claim_verdicts
+
+    study = load_comparison(comparison_file(tmp_path, job))
+    rows = [
+        {"setting": "main", "variant": "FedIT", "seed": 0, "primary_metric": "accuracy", "final": 0.50},
+        {"setting": "main", "variant": "FedIT", "seed": 1, "primary_metric": "accuracy", "final": 0.40},
+        {"setting": "main", "variant": "FFA-LoRA", "seed": 1, "primary_metric": "accuracy", "final": 0.55},
+    ]
+    verdicts = {v["claim"]: v for v in claim_verdicts(study, rows)}
+    assert verdicts["keeping A beats the floor"]["verdict"] == "not run yet"  # no Fed-ALoRA keep run at all
+    ffa = verdicts["FFA-LoRA learns as well"]
+    assert (ffa["seeds"], ffa["verdict"]) == (1, "one seed: no interval") and ffa["mean"] == pytest.approx(0.15)
+
+
 # case -> (changes to the comparison file, words the one-line error must contain)
 BAD = {
     "unknown method": ({"variants": {"FedIT": {"method": "fedit"}, "Mine": {"method": "fedbogus"}}}, "variant 'Mine'"),

@@ -29,13 +29,13 @@ def _command_line(args: argparse.Namespace) -> str:
     return "fedtune " + " ".join(shlex.quote(a) for a in argv)
 
 
-def _check_common(args: argparse.Namespace, *dirs: tuple[str, Path]) -> None:
+def _check_common(args: argparse.Namespace, *dirs: tuple[str, Path | None]) -> None:
     if args.seeds is not None and len(args.seeds) < 1:
         raise UsageError("--seeds needs at least one seed")
     if args.jobs < 1:
         raise UsageError(f"--jobs must be at least 1, got {args.jobs}")
     for flag, path in dirs:
-        if path.exists() and not path.is_dir():
+        if path is not None and path.exists() and not path.is_dir():
             raise UsageError(f"{flag} {path} exists and is not a directory")
 
 
@@ -64,8 +64,20 @@ def _pick_variants(study: Any, names: list[str] | None) -> tuple[Any, list[str]]
 
 
 def _run_and_report(
-    study: Any, runs: Path, report: Path, figures: Path, csv: Path, args: argparse.Namespace, size: str, extra: list[str], skipped: list[str]
+    study: Any,
+    runs: Path,
+    report: Path,
+    figures: Path,
+    csv: Path,
+    args: argparse.Namespace,
+    size: str,
+    extra: list[str],
+    skipped: list[str],
+    records: Path | None,
+    other_studies: Path | None = None,
 ) -> int:
+    """``records``: where the runs' records are kept and reused; ``other_studies``: a folder of
+    other studies' records (``<folder>/<study>/runs/``) whose matching runs are adopted."""
     from fedtune.studies.comparison import validate
     from fedtune.studies.report import write_report
     from fedtune.studies.runner import adopt_records, grid, record_index, run_study, unfinished_runs, write_csv
@@ -73,11 +85,10 @@ def _run_and_report(
     seeds = list(args.seeds) if args.seeds is not None else list(study.seeds)
     validate(study, size, extra)  # every variant's config, before any run starts
     start = time.perf_counter()
-    records = Path(args.records) if getattr(args, "records", None) else None
-    if records is not None and getattr(args, "report", None):  # a built-in study: reuse the other studies' records
-        adopted = adopt_records(grid(study, runs, size, seeds, extra, records), record_index([Path(args.report)]))
+    if records is not None and other_studies is not None:
+        adopted = adopt_records(grid(study, runs, size, seeds, extra, records), record_index([other_studies]))
         if adopted:
-            print(f"{adopted} runs reused from other studies' records in {args.report}")
+            print(f"{adopted} runs reused from other studies' records in {other_studies}")
     missing = unfinished_runs(study, runs, size, seeds, extra, records) if args.finished_only else []
     rows = run_study(study, runs, size, seeds, args.jobs, finished_only=args.finished_only, extra=extra, records=records)
     if not rows:
@@ -97,11 +108,12 @@ def cmd_study(args: argparse.Namespace) -> int:
     study, skipped = _pick_settings(study_named(args.study), args.settings)
     study, skipped_variants = _pick_variants(study, args.variants)
     skipped += skipped_variants
-    if args.records is None:
-        args.records = str(report_dir / study.name / "runs")
-    _check_common(args, ("--out", out), ("--report", report_dir), ("--records", Path(args.records)))
+    records = Path(args.records) if args.records else report_dir / study.name / "runs"
+    _check_common(args, ("--out", out), ("--report", report_dir), ("--records", records))
     report = report_dir / f"{study.name}.md"
-    return _run_and_report(study, out, report, report_dir / study.name, report_dir / f"{study.name}.csv", args, args.size, [], skipped)
+    return _run_and_report(
+        study, out, report, report_dir / study.name, report_dir / f"{study.name}.csv", args, args.size, [], skipped, records, report_dir
+    )
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -114,7 +126,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if stray:
         raise UsageError(f"unexpected argument {stray[0]!r}: give one file and key=value overrides")
     out = Path(args.out)
-    _check_common(args, ("--out", out), *((("--records", Path(args.records)),) if args.records else ()))
+    records = Path(args.records) if args.records else None
+    _check_common(args, ("--out", out), ("--records", records))
     if is_comparison_file(source):
         if args.methods:
             raise UsageError(f"{source} is a comparison file with its own variants; --methods is for a run config")
@@ -125,7 +138,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     study, skipped_variants = _pick_variants(study, args.variants)
     skipped += skipped_variants
     size = args.size or (DEFAULT_SIZE if DEFAULT_SIZE in study.settings[0].overrides else next(iter(study.settings[0].overrides)))
-    return _run_and_report(study, out / "runs", out / "report.md", out / "plots", out / "runs.csv", args, size, extra, skipped)
+    return _run_and_report(study, out / "runs", out / "report.md", out / "plots", out / "runs.csv", args, size, extra, skipped, records)
 
 
 def add_study_command(sub: Any) -> None:

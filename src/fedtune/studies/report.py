@@ -21,7 +21,7 @@ from fedtune.atomic import write_text
 from fedtune.plots import line_plot, scatter_plot
 from fedtune.rundir import read_metrics
 from fedtune.studies.definitions import FLOOR, Study
-from fedtune.studies.runner import RUNTIME_COLUMNS, lower_is_better, write_csv
+from fedtune.studies.runner import FLOOR_COLUMNS, RUNTIME_COLUMNS, lower_is_better, write_csv
 
 
 def mean_std(values: Sequence[float | None]) -> tuple[float, float, int]:
@@ -230,7 +230,7 @@ def _floor_lines(setting_rows: list[dict[str, Any]]) -> list[str]:
     """The scores of always answering the most frequent training class (they depend on the
     seed's partition only, so every variant of a seed has the same)."""
     parts = []
-    for column, where in (("majority_class_accuracy", "global test set"), ("personal_majority_class_accuracy", "clients' own test splits, mean over clients")):
+    for column, where in zip(FLOOR_COLUMNS, ("global test set", "clients' own test splits, mean over clients")):
         by_seed = {int(r["seed"]): float(r[column]) for r in setting_rows if r.get(column) not in (None, "")}
         if by_seed:
             parts.append(f"{fmt(list(by_seed.values()))} on the {where}")
@@ -255,9 +255,15 @@ def _metric_value(row: dict[str, Any], metric: str) -> float | None:
 
 
 def _floor_value(row: dict[str, Any], metric: str) -> float | None:
-    column = "personal_majority_class_accuracy" if metric.startswith("personal_") else "majority_class_accuracy"
-    value = row.get(column) if metric.removeprefix("personal_") == "accuracy" else None
+    global_floor, personal_floor = FLOOR_COLUMNS
+    value = row.get(personal_floor if metric.startswith("personal_") else global_floor) if metric.removeprefix("personal_") == "accuracy" else None
     return None if value is None or value == "" else float(value)
+
+
+def _per_seed(rows: list[dict[str, Any]], variant: str, value: Any, metric: str) -> dict[int, float]:
+    """seed -> ``value(row, metric)`` for the variant's runs that have one."""
+    out = {int(r["seed"]): value(r, metric) for r in rows if r["variant"] == variant}
+    return {seed: v for seed, v in out.items() if v is not None}
 
 
 VERDICT = {
@@ -282,13 +288,11 @@ def claim_verdicts(study: Study, rows: list[dict[str, Any]]) -> list[dict[str, A
             if claim.against != FLOOR and claim.against not in setting.variants:
                 continue
             metric = claim.metric or setting_rows[0]["primary_metric"]
-            mine = {int(r["seed"]): _metric_value(r, metric) for r in setting_rows if r["variant"] == claim.variant}
+            mine = _per_seed(setting_rows, claim.variant, _metric_value, metric)
             if claim.against == FLOOR:
-                theirs = {int(r["seed"]): _floor_value(r, metric) for r in setting_rows if r["variant"] == claim.variant}
+                theirs = _per_seed(setting_rows, claim.variant, _floor_value, metric)
             else:
-                theirs = {int(r["seed"]): _metric_value(r, metric) for r in setting_rows if r["variant"] == claim.against}
-            mine = {k: v for k, v in mine.items() if v is not None}
-            theirs = {k: v for k, v in theirs.items() if v is not None}
+                theirs = _per_seed(setting_rows, claim.against, _metric_value, metric)
             paired = paired_difference(mine, theirs, lower_is_better(metric))
             row = {"claim": claim.text, "source": claim.source, "setting": setting.name, "variant": claim.variant,
                    "against": claim.against, "metric": metric, "expect": claim.expect}  # fmt: skip

@@ -68,47 +68,58 @@ def override_list(values: dict[str, object]) -> list[str]:
     return out
 
 
-def reusable(out: Path, config_text: str) -> bool:
-    """A finished run made from this resolved config. The stored config is read through
-    today's schema, so a setting added since (at a default that keeps the old behaviour)
-    does not make a finished run look different."""
-    stored = out / "config.yaml"
-    if not (out / "summary.json").exists() or not stored.exists():
-        return False
+def _key(config: RunConfig) -> str:
+    return json.dumps(config.model_dump(mode="json"), sort_keys=True)
+
+
+def config_key(config_text: str) -> str:
+    """What makes two runs the same run: the resolved config, read through today's schema, so
+    that a setting added since (at a default that keeps the old behaviour) does not make a
+    finished run look different."""
+    return _key(RunConfig.model_validate(yaml.safe_load(config_text)))
+
+
+def _stored_key(run_dir: Path) -> str | None:
+    """The key of the run finished in ``run_dir`` (a run directory or a record), if any."""
+    stored = run_dir / "config.yaml"
+    if not (run_dir / "summary.json").exists() or not stored.exists():
+        return None
     try:
-        then = load_config(stored).model_dump(mode="json")
+        return _key(load_config(stored))
     except UsageError:  # a setting that no longer exists: not the same run
-        return False
-    return then == RunConfig.model_validate(yaml.safe_load(config_text)).model_dump(mode="json")
+        return None
+
+
+def reusable(out: Path, config_text: str) -> bool:
+    """A finished run made from this resolved config."""
+    return _stored_key(out) == config_key(config_text)
 
 
 #: what a run's record keeps: enough to report it and to tell whether it is still the run asked for
 RECORD_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
 
 
+#: the analysis a record carries when its study analyses runs (``similarity_means``)
+SIMILARITY_FILE = "similarity.json"
+
+
 def save_record(run_dir: Path, record: Path) -> None:
     record.mkdir(parents=True, exist_ok=True)
-    for name in RECORD_FILES[:-1] + ("similarity.json",):
+    copied = (*RECORD_FILES[:-1], SIMILARITY_FILE, RECORD_FILES[-1])  # summary.json last: it marks the record done
+    for name in copied:
         if (run_dir / name).exists():
             write_text(record / name, (run_dir / name).read_text(encoding="utf-8"))
-    write_text(record / "summary.json", (run_dir / "summary.json").read_text(encoding="utf-8"))  # last: it marks the record done
-
-
-def _canonical(config: RunConfig) -> str:
-    return json.dumps(config.model_dump(mode="json"), sort_keys=True)
 
 
 def record_index(roots: list[Path]) -> dict[str, Path]:
-    """Every finished record under ``roots`` (``<root>/<study>/runs/...``), by its resolved
-    config, so that two studies asking for one run (the same FedIT at the same budget and
-    seed) run it once."""
+    """Every finished record under ``roots`` (``<root>/<study>/runs/...``), by its config key,
+    so that two studies asking for one run (the same FedIT at the same budget and seed) run it once."""
     index: dict[str, Path] = {}
     for root in roots:
         for summary in sorted(root.glob("*/runs/*/*/seed*/summary.json")):
-            try:
-                index.setdefault(_canonical(load_config(summary.parent / "config.yaml")), summary.parent)
-            except (UsageError, OSError):  # a record of a setting that no longer exists
-                continue
+            key = _stored_key(summary.parent)
+            if key is not None:
+                index.setdefault(key, summary.parent)
     return index
 
 
@@ -118,7 +129,7 @@ def adopt_records(todo: list[tuple[Any, Spec]], index: dict[str, Path]) -> int:
     for _, (base, overrides, run_dir, record) in todo:
         if record is None or _finished((base, overrides, run_dir, record)):
             continue
-        found = index.get(_canonical(load_config(base, overrides)))
+        found = index.get(_key(load_config(base, overrides)))
         if found is not None and found != record:
             save_record(found, record)
             adopted += 1
@@ -148,7 +159,7 @@ def similarity_means(run_dir: Path) -> dict[str, float]:
     from fedtune.analysis import analyze
     from fedtune.analysis.report import summarize, write_report
 
-    stored = run_dir / "similarity.json"
+    stored = run_dir / SIMILARITY_FILE
     if stored.exists():  # a rerun replaces the whole run directory, this file with it
         return json.loads(stored.read_text())
     analysis = analyze(run_dir)
@@ -273,10 +284,7 @@ def _row(study: Study, setting: Any, label: str, seed: int, spec: Spec, summary:
         row[f"final_{key}"] = value
     for key, value in (summary.get("initial") or {}).items():
         row[f"initial_{key}"] = value
-    for key in FLOOR_COLUMNS:
-        if summary.get(key) is not None:
-            row[key] = summary[key]
-    for key in RUNTIME_COLUMNS:
+    for key in (*FLOOR_COLUMNS, *RUNTIME_COLUMNS):
         if summary.get(key) is not None:
             row[key] = summary[key]
     if study.reach is not None:
@@ -289,8 +297,8 @@ def _row(study: Study, setting: Any, label: str, seed: int, spec: Spec, summary:
     if study.analyze:  # needs the adapters: the run directory when it is here, else the record's stored result
         source = spec[2] if (spec[2] / "summary.json").exists() else run_dir
         row.update(similarity_means(source))
-        if spec[3] is not None and source != spec[3]:
-            save_record(source, spec[3])  # the record carries the similarity too
+        if spec[3] is not None and not (spec[3] / SIMILARITY_FILE).exists():
+            write_text(spec[3] / SIMILARITY_FILE, (source / SIMILARITY_FILE).read_text(encoding="utf-8"))  # the record carries it too
     return row
 
 
