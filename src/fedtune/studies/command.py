@@ -2,7 +2,7 @@
 
     fedtune compare FILE.yaml --out DIR [--size NAME] [--seeds ...] [--jobs N] [--finished-only] [--records DIR] [key=value ...]
     fedtune compare CONFIG.yaml --methods fedit ffa-lora fed-alora --seeds 0 1 2 --out DIR [key=value ...]
-    fedtune study NAME --out DIR [--size cpu|gpu] [--seeds ...] [--settings ...] [--jobs N] [--finished-only] [--report docs/results]
+    fedtune study NAME --out DIR [--size cpu|gpu] [--seeds ...] [--settings ...] [--variants ...] [--jobs N] [--finished-only] [--report docs/results]
 
 ``compare`` writes ``DIR/report.md``, ``DIR/runs.csv`` and ``DIR/plots/``, its runs under
 ``DIR/runs/``; ``study`` keeps its runs under ``--out`` and writes ``<report>/<NAME>.md``, and
