@@ -194,6 +194,96 @@ def test_claims_of_variants_not_run_yet_say_so(tmp_path: Path, job: Path) -> Non
     assert (ffa["seeds"], ffa["verdict"]) == (1, "one seed: no interval") and ffa["mean"] == pytest.approx(0.15)
 
 
+def test_claims_against_another_metric_or_setting_pair_the_same_seeds(tmp_path: Path, job: Path) -> None:
+    """Seed 000's Figure 1 as claims: A more alike than B in the same runs; A less alike with
+    different seeds than with one seed (the same variant and seed in another setting)."""
+    from fedtune.studies.comparison import load_comparison
+    from fedtune.studies.report import claim_verdicts
+
+    claims = [
+        {"text": "A more alike than B", "variant": "LoRA", "metric": "similarity_A", "against_metric": "similarity_B", "settings": ["same-seed"]},
+        {"text": "seeds break A", "variant": "LoRA", "metric": "similarity_A", "settings": ["diff-seeds"], "against_setting": "same-seed", "expect": "worse"},
+    ]
+    settings = {"same-seed": {"overrides": {"lr": 0.01}}, "diff-seeds": {"overrides": {"lr": 0.02}}}
+    study = load_comparison(comparison_file(tmp_path, job, variants={"LoRA": {"method": "local-only"}}, settings=settings, reference="LoRA", claims=claims))
+    values = {  # (setting, seed) -> (similarity_A, similarity_B)
+        ("same-seed", 0): (0.70, 0.10), ("same-seed", 1): (0.66, 0.12), ("same-seed", 2): (0.68, 0.05),
+        ("diff-seeds", 0): (0.05, 0.11), ("diff-seeds", 1): (0.04, 0.09), ("diff-seeds", 2): (0.06, 0.10),
+    }  # fmt: skip
+    rows = [
+        {"setting": st, "variant": "LoRA", "seed": seed, "primary_metric": "accuracy", "final": 0.5, "similarity_A": a, "similarity_B": b}
+        for (st, seed), (a, b) in values.items()
+    ]
+    verdicts = {v["claim"]: v for v in claim_verdicts(study, rows)}
+    assert set(verdicts) == {"A more alike than B", "seeds break A"}  # each only in the setting it names
+    t = 4.302652729749464  # t(0.975, 2)
+    expected = {
+        "A more alike than B": [values["same-seed", s][0] - values["same-seed", s][1] for s in range(3)],
+        "seeds break A": [values["diff-seeds", s][0] - values["same-seed", s][0] for s in range(3)],
+    }
+    for text, diffs in expected.items():
+        mean = sum(diffs) / 3
+        sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
+        v = verdicts[text]
+        assert v["mean"] == pytest.approx(mean, abs=1e-12) and v["seeds"] == 3
+        assert (v["low"], v["high"]) == (pytest.approx(mean - t * sd / math.sqrt(3), abs=1e-9), pytest.approx(mean + t * sd / math.sqrt(3), abs=1e-9))
+        assert v["verdict"] == "held"
+    assert (verdicts["A more alike than B"]["against_metric"], verdicts["A more alike than B"]["against_setting"]) == ("similarity_B", "")
+    assert (verdicts["seeds break A"]["against_metric"], verdicts["seeds break A"]["against_setting"]) == ("", "same-seed")
+
+
+def test_an_analysed_comparison_keeps_the_client_grids_in_its_records(tmp_path: Path, job: Path) -> None:
+    """``analyze: true``: every record carries the pair grids `fedtune analyze` computed (the
+    run's analysis/similarity_mean.csv), and the report shows the seed-mean heatmaps."""
+    doc = comparison_file(tmp_path, job, variants={"LoRA": {"method": "local-only"}}, reference="LoRA", analyze=True, seeds=[0])
+    records, out = tmp_path / "records", tmp_path / "out"
+    assert main(["compare", str(doc), "--out", str(out), "--records", str(records), "lora.init_seed_mode=per_client"]) == 0
+    kept = json.loads((records / "main" / "lora" / "seed0" / "similarity.json").read_text())
+    clients = kept["clients"]
+    assert len(clients) == TINY["clients"]
+    with open(out / "runs" / "main" / "lora" / "seed0" / "analysis" / "similarity_mean.csv") as f:
+        pairs = [r for r in csv.DictReader(f) if r["kind"] == "clients"]
+    assert len(pairs) == 3 * TINY["clients"] * (TINY["clients"] - 1) // 2
+    for pair in pairs:
+        i, j = clients.index(pair["left"]), clients.index(pair["right"])
+        assert kept["grids"][pair["matrix"]][i][j] == kept["grids"][pair["matrix"]][j][i] == pytest.approx(float(pair["phi"]))
+    for matrix in ("A", "B", "dW"):
+        means = [float(p["phi"]) for p in pairs if p["matrix"] == matrix]
+        assert kept[f"similarity_{matrix}"] == pytest.approx(sum(means) / len(means))
+        assert [kept["grids"][matrix][k][k] for k in range(len(clients))] == [1.0] * len(clients)
+    report = (out / "report.md").read_text()
+    assert "![main_similarity_A](plots/main_similarity_A.png)" in report and (out / "plots" / "main_similarity_B.png").stat().st_size > 0
+    with open(out / "runs.csv") as f:
+        assert "grids" not in next(csv.DictReader(f))  # the CSV row has the means only
+
+
+def test_an_analysed_study_draws_the_seed_mean_similarity_of_its_records(tmp_path: Path) -> None:
+    from fedtune.studies.report import mean_similarity_grid, similarity_heatmaps
+
+    clients = ["client0", "client1", "client2"]
+    grids = [  # A per seed; pair (0, 2) undefined in seed 1 (a zero matrix), so its mean is seed 0's
+        [[1.0, 0.8, 0.6], [0.8, 1.0, 0.7], [0.6, 0.7, 1.0]],
+        [[1.0, 0.6, None], [0.6, 1.0, 0.5], [None, 0.5, 1.0]],
+    ]
+    rows = []
+    for seed, grid in enumerate(grids):
+        record = tmp_path / f"seed{seed}"
+        record.mkdir()
+        b = [[1.0 if i == j else 0.1 * (seed + 1) for j in range(3)] for i in range(3)]
+        (record / "similarity.json").write_text(json.dumps({"similarity_A": 0.7, "clients": clients, "grids": {"A": grid, "B": b, "dW": b}}))
+        rows.append({"run_dir": str(record)})
+    labels, mean, seeds = mean_similarity_grid(rows, "A")
+    assert (labels, seeds) == (clients, 2)
+    assert mean.flatten().tolist() == pytest.approx([1.0, 0.7, 0.6, 0.7, 1.0, 0.6, 0.6, 0.6, 1.0])
+    assert mean_similarity_grid(rows, "B")[1][0, 1] == pytest.approx(0.15)
+    written = similarity_heatmaps(rows, tmp_path / "figures", "same-seed")
+    assert [p.name for p in written] == ["same-seed_similarity_A.png", "same-seed_similarity_B.png"]
+    assert all(p.stat().st_size > 0 for p in written)
+    (tmp_path / "seed0" / "similarity.json").write_text(json.dumps({"similarity_A": 0.7}))  # a record from before grids
+    (tmp_path / "seed1" / "similarity.json").unlink()
+    assert mean_similarity_grid(rows, "A") is None and similarity_heatmaps(rows, tmp_path / "none", "x") == []
+
+
 # case -> (changes to the comparison file, words the one-line error must contain)
 BAD = {
     "unknown method": ({"variants": {"FedIT": {"method": "fedit"}, "Mine": {"method": "fedbogus"}}}, "variant 'Mine'"),
@@ -203,6 +293,8 @@ BAD = {
     "variant not a mapping": ({"variants": {"FedIT": "fedit"}}, "variant 'FedIT' must be a mapping"),
     "claim on an unknown variant": ({"claims": [{"text": "x wins", "variant": "FedX"}]}, "claim 'x wins': 'FedX' is not a variant"),
     "claim with a bad expectation": ({"claims": [{"text": "x", "variant": "FedIT", "expect": "sideways"}]}, "expect"),
+    "claim against an unknown setting": ({"claims": [{"text": "y", "variant": "FedIT", "against_setting": "elsewhere"}]}, "claim 'y': no setting 'elsewhere'"),
+    "claim against a metric without a variant": ({"claims": [{"text": "z", "against_metric": "loss"}]}, "claim 'z': 'against_metric' and 'against_setting' need a 'variant'"),
 }
 
 

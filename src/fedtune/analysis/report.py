@@ -187,7 +187,7 @@ def pair_matrix(rows: Sequence[SimilarityRow], kind: str, matrix: str, left: Seq
     return grid
 
 
-def _heatmap(
+def heatmap(
     grid: np.ndarray, rows: Sequence[str], cols: Sequence[str], title: str, xlabel: str, ylabel: str, path: Path
 ) -> Path:
     size = max(3.5, 0.4 * max(len(rows), len(cols)) + 2)
@@ -217,13 +217,13 @@ def _plot_heatmaps(analysis: Analysis, out: Path) -> list[Path]:
         if len(clients) >= 2:
             grid = pair_matrix(analysis.similarity, "clients", matrix, clients, clients)
             title = f"similarity of {names[matrix]}"
-            written.append(_heatmap(grid, clients, clients, title, "client", "client", out / f"similarity_{matrix}.png"))
+            written.append(heatmap(grid, clients, clients, title, "client", "client", out / f"similarity_{matrix}.png"))
         other = [c.label for c in analysis.against.clients] if analysis.against else []
         if clients and other:
             grid = pair_matrix(analysis.similarity, "against", matrix, clients, other)
             title = f"{names[matrix]} vs {analysis.against.path.name}"  # type: ignore[union-attr]
             path = out / f"against_{matrix}.png"
-            written.append(_heatmap(grid, clients, other, title, "client (other run)", "client (this run)", path))
+            written.append(heatmap(grid, clients, other, title, "client (other run)", "client (this run)", path))
     return written
 
 

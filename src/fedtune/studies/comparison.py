@@ -20,6 +20,9 @@ A comparison file is YAML, validated like a run config::
       - sharing B is enough
       - {text: FFA-LoRA matches FedIT, variant: FFA-LoRA, against: FedIT, expect: not-worse, source: seed 001}
       - {text: personalised beats the floor, variant: Fed-ALoRA, against: majority-class floor, metric: personal_accuracy}
+      - {text: A is more alike than B, variant: LoRA, metric: similarity_A, against_metric: similarity_B}
+      - {text: a shared seed makes A alike, variant: LoRA, metric: similarity_A, settings: [same-seed],
+         against_setting: diff-seeds}   # the same variant and seed in another setting
     notes: [...]
 
 Everything a run would refuse (an unknown method or key, a missing base file) is found here,
@@ -58,6 +61,8 @@ class ClaimSpec(ConfigSection):
     against: str | None = None
     expect: Literal["better", "worse", "not-worse"] = "better"
     metric: str | None = None
+    against_metric: str | None = None
+    against_setting: str | None = None
     settings: list[str] = []
     source: str = ""
 
@@ -197,14 +202,26 @@ def _claim(spec: str | ClaimSpec, settings: list[Setting], reference: str) -> Cl
     unknown = [name for name in spec.settings if name not in names]
     if unknown:
         raise UsageError(f"claim {spec.text!r}: no setting {unknown[0]!r} (settings: {', '.join(names)})")
+    if spec.against_setting is not None and spec.against_setting not in names:
+        raise UsageError(f"claim {spec.text!r}: no setting {spec.against_setting!r} (settings: {', '.join(names)})")
+    if (spec.against_metric or spec.against_setting) and spec.variant is None:
+        raise UsageError(f"claim {spec.text!r}: 'against_metric' and 'against_setting' need a 'variant'")
     chosen = [s for s in settings if not spec.settings or s.name in spec.settings]
-    against = spec.against or reference
+    # against another metric or setting, the natural other side is the same variant there
+    against = spec.against or (spec.variant if spec.against_metric or spec.against_setting else reference)
     for label in (spec.variant, against if against != FLOOR else None):
         if label is not None and not any(label in s.variants for s in chosen):
             raise UsageError(f"claim {spec.text!r}: {label!r} is not a variant (variants: {', '.join(chosen[0].variants)})")
     if spec.variant is None and spec.against is not None:
         raise UsageError(f"claim {spec.text!r}: 'against' needs a 'variant' to compare with it")
-    return Claim(spec.text, spec.variant, against, spec.expect, spec.metric, tuple(spec.settings), spec.source)
+    if spec.against_setting is not None and against != FLOOR:
+        other = next(s for s in settings if s.name == spec.against_setting)
+        if against not in other.variants:
+            raise UsageError(f"claim {spec.text!r}: {against!r} is not a variant of setting {other.name!r}")
+    return Claim(
+        spec.text, spec.variant, against, spec.expect, spec.metric, tuple(spec.settings), spec.source,
+        spec.against_metric, spec.against_setting,
+    )  # fmt: skip
 
 
 def quick_comparison(config: Path, methods: list[str], seeds: list[int]) -> Study:

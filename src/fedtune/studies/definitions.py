@@ -31,7 +31,9 @@ FLOOR = "majority-class floor"
 @dataclass(frozen=True)
 class Claim:
     """A claim the comparison tests: ``variant`` minus ``against`` on ``metric``, paired by seed,
-    is expected ``better`` / ``worse`` / ``not-worse``. Without ``variant`` it is only printed."""
+    is expected ``better`` / ``worse`` / ``not-worse``. Without ``variant`` it is only printed.
+    The other side may be read on another metric or in another setting (same seed), so that
+    a claim like "A's are more alike than B's" is tested within the same runs."""
 
     text: str
     variant: str | None = None
@@ -40,6 +42,8 @@ class Claim:
     metric: str | None = None  # default: each setting's compared metric
     settings: tuple[str, ...] = ()  # default: every setting that has the variant
     source: str = ""  # where the claim comes from (a paper, a seed)
+    against_metric: str | None = None  # default: ``metric`` (the other side's value of another metric)
+    against_setting: str | None = None  # default: the same setting (the other side's runs in another one)
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,14 @@ import math
 import os
 import platform
 import statistics
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import scipy.stats
 import torch
 
@@ -21,7 +23,7 @@ from fedtune.atomic import write_text
 from fedtune.plots import line_plot, scatter_plot
 from fedtune.rundir import read_metrics
 from fedtune.studies.definitions import FLOOR, Study
-from fedtune.studies.runner import FLOOR_COLUMNS, RUNTIME_COLUMNS, lower_is_better, write_csv
+from fedtune.studies.runner import FLOOR_COLUMNS, RUNTIME_COLUMNS, lower_is_better, similarity_grids, write_csv
 
 
 def mean_std(values: Sequence[float | None]) -> tuple[float, float, int]:
@@ -165,6 +167,37 @@ def _pareto_lines(setting_rows: list[dict[str, Any]], metric: str, figures: Path
     return lines if len(lines) > 2 else []
 
 
+def similarity_heatmaps(rows: list[dict[str, Any]], out_dir: Path, prefix: str) -> list[Path]:
+    """Client x client similarity of A and of B (seed 000's Figure 1), each pair's module-mean
+    value averaged over the seeds whose runs kept their grids (``similarity.json``)."""
+    from fedtune.analysis.report import heatmap
+
+    written = []
+    for matrix in ("A", "B"):
+        mean = mean_similarity_grid(rows, matrix)
+        if mean is None:
+            return []
+        clients, grid, seeds = mean
+        out_dir.mkdir(parents=True, exist_ok=True)
+        title = f"{prefix}: similarity of {matrix} (mean over {seeds} seed{'s' if seeds > 1 else ''})"
+        written.append(heatmap(grid, clients, clients, title, "client", "client", out_dir / f"{prefix}_similarity_{matrix}.png"))
+    return written
+
+
+def mean_similarity_grid(rows: list[dict[str, Any]], matrix: str) -> tuple[list[str], np.ndarray, int] | None:
+    """(clients, client x client grid of ``matrix`` averaged over the runs, how many runs), over
+    the runs that kept grids for the first such run's clients; None with fewer than two clients."""
+    kept = [g for g in (similarity_grids(Path(r["run_dir"])) for r in rows) if g is not None]
+    if not kept or len(kept[0][0]) < 2:
+        return None
+    clients = kept[0][0]
+    grids = [grids[matrix] for labels, grids in kept if labels == clients]
+    stack = np.array([[[np.nan if v is None else v for v in row] for row in grid] for grid in grids], dtype=float)
+    with warnings.catch_warnings():  # a pair undefined in every run stays NaN (drawn as a dash)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return clients, np.nanmean(stack, axis=0), len(grids)
+
+
 # -- the report -------------------------------------------------------------------------------------
 def write_report(
     study: Study,
@@ -210,7 +243,11 @@ def write_report(
         lines += _floor_lines(setting_rows)
         if len(setting.variants) > 1:
             lines += _paired_lines(setting_rows, list(setting.variants), reference, metric)
-        if not study.analyze:
+        if study.analyze:
+            for plot in similarity_heatmaps(setting_rows, figures, setting.name):
+                lines.append(f"![{plot.stem}]({link}/{plot.name})")
+            lines.append("")
+        else:
             for plot in plot_setting(setting_rows, metric, figures, setting.name):
                 lines.append(f"![{plot.stem}]({link}/{plot.name})")
             lines.append("")
@@ -280,22 +317,27 @@ def claim_verdicts(study: Study, rows: list[dict[str, Any]]) -> list[dict[str, A
         if claim.variant is None:
             continue
         for setting in study.settings:
-            if claim.settings and setting.name not in claim.settings:
+            if claim.settings and setting.name not in claim.settings or setting.name == claim.against_setting:
                 continue
+            other = next(s for s in study.settings if s.name == (claim.against_setting or setting.name))
             setting_rows = [r for r in rows if r["setting"] == setting.name]
+            other_rows = [r for r in rows if r["setting"] == other.name]
             if claim.variant not in setting.variants or not setting_rows:
                 continue
-            if claim.against != FLOOR and claim.against not in setting.variants:
+            if claim.against != FLOOR and claim.against not in other.variants:
                 continue
             metric = claim.metric or setting_rows[0]["primary_metric"]
+            other_metric = claim.against_metric or metric
             mine = _per_seed(setting_rows, claim.variant, _metric_value, metric)
             if claim.against == FLOOR:
-                theirs = _per_seed(setting_rows, claim.variant, _floor_value, metric)
+                theirs = _per_seed(other_rows, claim.variant, _floor_value, other_metric)
             else:
-                theirs = _per_seed(setting_rows, claim.against, _metric_value, metric)
+                theirs = _per_seed(other_rows, claim.against, _metric_value, other_metric)
             paired = paired_difference(mine, theirs, lower_is_better(metric))
             row = {"claim": claim.text, "source": claim.source, "setting": setting.name, "variant": claim.variant,
-                   "against": claim.against, "metric": metric, "expect": claim.expect}  # fmt: skip
+                   "against": claim.against, "metric": metric, "expect": claim.expect,
+                   "against_metric": other_metric if other_metric != metric else "",
+                   "against_setting": other.name if other.name != setting.name else ""}  # fmt: skip
             if paired is None:
                 verdict = "not run yet" if not mine or not theirs else "no seeds in common"
                 out.append({**row, "seeds": 0, "mean": None, "low": None, "high": None, "verdict": verdict})
@@ -320,9 +362,11 @@ def _claim_lines(study: Study, verdicts: list[dict[str, Any]]) -> list[str]:
         for v in verdicts:
             mean = "–" if v["mean"] is None else f"{v['mean']:+.4f}"
             interval = "–" if v["low"] is None else f"[{v['low']:+.4f}, {v['high']:+.4f}]"
+            elsewhere = f" in {v['against_setting']}" if v["against_setting"] else ""
+            metric = f"{v['metric']} − {v['against_metric']}" if v["against_metric"] else v["metric"]
             lines.append(
-                f"| {v['claim']} | {v['source'] or '–'} | {v['setting']} | `{v['variant']}` − `{v['against']}` ({v['expect']}) "
-                f"| {v['metric']} | {v['seeds']} | {mean} | {interval} | **{v['verdict']}** |"
+                f"| {v['claim']} | {v['source'] or '–'} | {v['setting']} | `{v['variant']}` − `{v['against']}`{elsewhere} ({v['expect']}) "
+                f"| {metric} | {v['seeds']} | {mean} | {interval} | **{v['verdict']}** |"
             )
         lines.append("")
     if untested:

@@ -155,19 +155,40 @@ def run_one(base: Path | None, overrides: list[str], out: Path, record: Path | N
 
 def similarity_means(run_dir: Path) -> dict[str, float]:
     """Mean A / B / dW subspace similarity over client pairs (``fedtune analyze``), kept in
-    ``similarity.json`` so that a run's record carries it without the adapters it needs."""
-    from fedtune.analysis import analyze
-    from fedtune.analysis.report import summarize, write_report
+    ``similarity.json`` so that a run's record carries it without the adapters it needs.
 
+    The file also keeps the client x client grids of module-mean similarity (``clients``,
+    ``grids``), from which the study's report draws its heatmaps; the returned row has the means only.
+    """
     stored = run_dir / SIMILARITY_FILE
-    if stored.exists():  # a rerun replaces the whole run directory, this file with it
-        return json.loads(stored.read_text())
+    if not stored.exists():  # a rerun replaces the whole run directory, this file with it
+        write_text(stored, json.dumps(_similarity_of(run_dir)) + "\n")
+    saved = json.loads(stored.read_text())
+    return {key: value for key, value in saved.items() if key.startswith("similarity_")}
+
+
+def _similarity_of(run_dir: Path) -> dict[str, Any]:
+    from fedtune.analysis import analyze
+    from fedtune.analysis.report import pair_matrix, summarize, write_report
+    from fedtune.analysis.similarity import MATRICES
+
     analysis = analyze(run_dir)
     write_report(analysis, run_dir / "analysis")
     block = summarize(analysis)["similarity"].get("clients", {})
-    means = {f"similarity_{m}": block.get(m) for m in ("A", "B", "dW")}
-    write_text(stored, json.dumps(means) + "\n")
-    return means
+    clients = [c.label for c in analysis.run.clients]
+    grids = {m: pair_matrix(analysis.similarity, "clients", m, clients, clients).tolist() for m in MATRICES}
+    # NaN (a pair with nothing defined) is not JSON: null
+    grids = {m: [[None if v != v else v for v in row] for row in grid] for m, grid in grids.items()}
+    return {**{f"similarity_{m}": block.get(m) for m in MATRICES}, "clients": clients, "grids": grids}
+
+
+def similarity_grids(record: Path) -> tuple[list[str], dict[str, list[list[float | None]]]] | None:
+    """(client labels, matrix -> client x client grid) kept by ``similarity_means``, if any."""
+    stored = record / SIMILARITY_FILE
+    if not stored.exists():
+        return None
+    saved = json.loads(stored.read_text())
+    return (saved["clients"], saved["grids"]) if "grids" in saved else None
 
 
 #: what always answering the most frequent training class scores (global, personalised), from the run's data
