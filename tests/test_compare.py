@@ -284,6 +284,59 @@ def test_an_analysed_study_draws_the_seed_mean_similarity_of_its_records(tmp_pat
     assert mean_similarity_grid(rows, "A") is None and similarity_heatmaps(rows, tmp_path / "none", "x") == []
 
 
+def test_a_multitask_comparison_pairs_mean_and_spread_over_tasks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``kind: multitask``: each run is a `fedtune multitask` run; its row is the mean score over
+    tasks, each task's score and their spread, and a claim on the spread is re-derived here from
+    the runs' own per-task scores (population std over tasks, paired by seed)."""
+    tasks = [str(write_classification_jsonl(tmp_path / f"task{i}.jsonl", rows=40, labels=2 + i, seed=i)) for i in range(2)]
+    base = tmp_path / "mt.yaml"
+    base.write_text(yaml.safe_dump({
+        "variant": "alora", "model": "tiny-bert", "tasks": tasks, "num_adapters": 2, "r": 4, "steps": 12, "batch_size": 4, "lr": 0.05,
+        "max_seq_len": 32, "eval_every": 3, "device": "cpu", "threads": 1, "precision": "fp32",
+    }))  # fmt: skip
+    doc = {
+        "kind": "multitask", "base": base.name, "seeds": [0, 1], "reference": "LoRA",
+        "variants": {"ALoRA": {}, "HydraLoRA": {"variant": "hydralora"}, "LoRA": {"variant": "lora", "num_adapters": None, "r": 8}},
+        "claims": [{"text": "ALoRA is more balanced", "variant": "ALoRA", "against": "HydraLoRA", "metric": "spread_std"}],
+    }  # fmt: skip
+    path = tmp_path / "mt-compare.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    out, records = tmp_path / "out", tmp_path / "records"
+    assert main(["compare", str(path), "--out", str(out), "--records", str(records)]) == 0
+    with open(out / "runs.csv") as f:
+        rows = {(r["variant"], int(r["seed"])): r for r in csv.DictReader(f)}
+    assert len(rows) == 6
+    spread = {}
+    for (variant, seed), row in rows.items():
+        summary = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
+        scores = [summary["scores"][t] for t in tasks]
+        mean = sum(scores) / 2
+        assert row["primary_metric"] == "mean_accuracy" and float(row["final"]) == pytest.approx(mean)
+        assert [float(row["final_accuracy_task0"]), float(row["final_accuracy_task1"])] == pytest.approx(scores)
+        spread[variant, seed] = math.sqrt(sum((v - mean) ** 2 for v in scores) / 2)
+        assert float(row["final_spread_std"]) == pytest.approx(spread[variant, seed])
+        assert float(row["final_worst_accuracy"]) == pytest.approx(min(scores))
+        assert summary["variant"] == {"ALoRA": "alora", "HydraLoRA": "hydralora", "LoRA": "lora"}[variant]
+    with open(out / "report-claims.csv") as f:
+        (claim,) = list(csv.DictReader(f))
+    diffs = [spread["ALoRA", s] - spread["HydraLoRA", s] for s in (0, 1)]
+    assert float(claim["mean"]) == pytest.approx(sum(diffs) / 2, abs=1e-12)
+    report = (out / "report.md").read_text()
+    assert "final mean_accuracy" in report and "accuracy_task0" in report and "spread_std" in report
+    assert "uplink" not in report and "![main_mean_accuracy_vs_step](plots/main_mean_accuracy_vs_step.png)" in report
+    # a later session: the records alone rebuild the same rows, nothing is run again
+    stamp = (records / "main" / "alora" / "seed0" / "summary.json").stat().st_mtime_ns
+    again = tmp_path / "again"
+    assert main(["compare", str(path), "--out", str(again), "--records", str(records)]) == 0
+    assert not (again / "runs").exists() and (records / "main" / "alora" / "seed0" / "summary.json").stat().st_mtime_ns == stamp
+    # a multi-task comparison compares the mean over tasks: another metric is refused in one line
+    capsys.readouterr()
+    path.write_text(yaml.safe_dump({**doc, "metric": "loss"}, sort_keys=False))
+    assert main(["compare", str(path), "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "takes no 'metric' or 'reach'" in err
+
+
 # case -> (changes to the comparison file, words the one-line error must contain)
 BAD = {
     "unknown method": ({"variants": {"FedIT": {"method": "fedit"}, "Mine": {"method": "fedbogus"}}}, "variant 'Mine'"),

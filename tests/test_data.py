@@ -188,3 +188,27 @@ def test_classification_encoding_mixes_single_sentences_and_pairs() -> None:
     assert [e.labels for e in examples] == [0, 1, 0]
     assert tokenizer.decode(examples[1].input_ids).count("[SEP]") == 2
     assert tokenizer.decode(examples[0].input_ids).count("[SEP]") == 1
+
+
+def test_a_users_rows_with_candidate_answers_are_multiple_choice(tmp_path: Path) -> None:
+    import json
+
+    from fedtune.errors import UsageError
+
+    path = tmp_path / "mc.jsonl"
+    rows = [
+        {"prompt": "2 + 2?", "response": "4", "choices": ["3", "4", "5"], "answer": 1},
+        {"prompt": "Sky colour?", "response": "blue", "choices": ["blue", "green"], "answer": "blue"},  # the gold text
+    ] * 10
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = load_task(str(path), seed=0)
+    assert task.kind == "generation" and task.metric == "multiple_choice"
+    both = datasets.concatenate_datasets([task.train, task.test])
+    assert sorted({(tuple(r["choices"]), r["answer"]) for r in both}) == [(("3", "4", "5"), 1), (("blue", "green"), 0)]
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"prompt": r["prompt"], "response": r["response"]}) + "\n" for r in rows))
+    assert load_task(str(plain), seed=0).metric == "perplexity"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "x", "response": "y", "choices": ["a", "b"], "answer": 2}) + "\n")
+    with pytest.raises(UsageError, match="row 1: 'answer' must be the index or the text of one of its 2 choices, got 2"):
+        load_task(str(bad), seed=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -372,3 +373,50 @@ def test_glue_configs_give_every_variant_the_same_adapter_budget() -> None:
         budgets[variant] = expected_parameter_count(variant, n, config.r, 384, 384, config.routing_spec)
         assert config.alpha / config.r == pytest.approx(2.0)
     assert budgets == {"alora": 16896, "hydralora": 16896, "lora": 16896}
+
+
+def _write_choice_jsonl(path: Path, rows: int, seed: int) -> Path:
+    """A user's multiple-choice rows: prompt, candidate answers, the gold one's index."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(rows):
+            a, b = rng.randint(1, 9), rng.randint(1, 9)
+            choices = [str(a + b), str(a + b + 1), str(abs(a - b))]
+            answer = rng.randrange(3)
+            choices[0], choices[answer] = choices[answer], choices[0]
+            f.write(json.dumps({"prompt": f"{a} plus {b}?", "response": choices[answer], "choices": choices, "answer": answer}) + "\n")
+    return path
+
+
+def test_multiple_choice_tasks_are_scored_by_answer_log_likelihood(tmp_path: Path) -> None:
+    """Each task's mc_accuracy is the share of its test rows whose gold candidate has the largest
+    summed token log-probability after the prompt, recomputed here one sequence at a time."""
+    from fedtune.multitask.config import MultiTaskConfig
+    from fedtune.multitask.data import load_task_rows
+    from fedtune.multitask.train import evaluate_tasks, prepare, train
+
+    tasks = [str(_write_choice_jsonl(tmp_path / f"mc{i}.jsonl", rows=30, seed=i)) for i in range(2)]
+    config = MultiTaskConfig(variant="alora", model="tiny-llama", tasks=tasks, steps=3, batch_size=4, max_seq_len=48, r=4,
+                             progress=False, device="cpu", threads=1)  # fmt: skip
+    rows = load_task_rows(config)
+    assert rows.metric == "multiple_choice"
+    job = prepare(config, rows)
+    assert (job.score_metric, job.higher_is_better) == ("mc_accuracy", True)
+    train(job)
+    metrics, _ = evaluate_tasks(job)
+    job.mt.model.eval()
+    for index, task in enumerate(job.tasks):
+        job.mt.use_task(index)
+        assert task.scored and len(task.scored) == len(task.test)
+        correct = 0
+        with torch.no_grad():
+            for example in task.scored:
+                scores = []
+                for choice in example.choices or []:
+                    seq = torch.cat([example.input_ids, choice])
+                    logprobs = torch.log_softmax(job.mt.model(input_ids=seq[None]).logits[0].float(), dim=-1)
+                    positions = torch.arange(len(example.input_ids) - 1, len(seq) - 1)
+                    scores.append(float(logprobs[positions, choice].sum()))
+                correct += int(max(range(len(scores)), key=scores.__getitem__) == example.answer)
+        assert metrics[task.name]["mc_accuracy"] == pytest.approx(correct / len(task.scored))
+        assert metrics[task.name]["loss"] > 0  # the response loss is still reported beside it

@@ -126,7 +126,7 @@ def test_shipped_studies_resolve() -> None:
     from fedtune.studies.definitions import studies
 
     shipped = studies()
-    assert sorted(shipped) == ["beyond-lora", "hafl-20ng", "init-similarity", "optimisers", "share-which"]
+    assert sorted(shipped) == ["beyond-lora", "hafl-20ng", "init-similarity", "multitask", "optimisers", "share-which"]
     for study in shipped.values():
         assert study.claims
         for size in ("cpu", "gpu"):

@@ -226,7 +226,22 @@ def normalise(ds: datasets.Dataset, name: str, fields: FieldMap, kind: str, fold
         {"prompt": str(p), "response": str(r), "category": str(c)}
         for p, r, c in zip(list(ds[prompt]), list(ds[response]), categories)
     ]
+    if "choices" in columns and "answer" in columns:  # multiple choice: candidate answers and the gold one
+        for n, (row, choices, answer) in enumerate(zip(rows, list(ds["choices"]), list(ds["answer"]))):
+            row["choices"], row["answer"] = _choice_answer(name, n, choices, answer)
     return generation_rows(rows), "generation", None
+
+
+def _choice_answer(name: str, n: int, choices: Any, answer: Any) -> tuple[list[str], int]:
+    """A row's candidate answers and the gold one's index (given as an index or as its text)."""
+    if not isinstance(choices, list) or len(choices) < 2:
+        raise UsageError(f"{name}: row {n + 1}: 'choices' must be a list of at least two candidate answers, got {choices!r}"[:300])
+    choices = [str(c) for c in choices]
+    if isinstance(answer, str) and answer in choices:
+        return choices, choices.index(answer)
+    if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices):
+        return choices, answer
+    raise UsageError(f"{name}: row {n + 1}: 'answer' must be the index or the text of one of its {len(choices)} choices, got {answer!r}"[:300])
 
 
 def _split_off_test(ds: datasets.Dataset, test_fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -269,9 +284,8 @@ def _load_file(path: Path, fields: FieldMap, kind: str, seed: int, test_file: st
         while root.__cause__ is not None or root.__context__ is not None:  # datasets wraps the parser's error
             root = root.__cause__ or root.__context__  # type: ignore[assignment]
         raise UsageError(f"cannot read dataset file {current}: {type(root).__name__}: {root}".splitlines()[0][:300]) from None
-    metric: Metric = "accuracy" if task_kind == "classification" else "perplexity"
     natural = "label" if task_kind == "classification" else "category"
-    return TaskData(path.name, task_kind, metric, train, test, label_names=names, natural_key=natural, source=str(path))
+    return TaskData(path.name, task_kind, _metric_of(task_kind, test), train, test, label_names=names, natural_key=natural, source=str(path))
 
 
 def _load_hub(name: str, fields: FieldMap, kind: str, seed: int) -> TaskData:
@@ -289,9 +303,19 @@ def _load_hub(name: str, fields: FieldMap, kind: str, seed: int) -> TaskData:
         test, _, _ = normalise(ds[test_split], name, fields, task_kind)
     else:
         train, test = _split_off_test(train, 0.1, seed)
-    metric: Metric = "accuracy" if task_kind == "classification" else "perplexity"
     natural = "label" if task_kind == "classification" else "category"
-    return TaskData(name, task_kind, metric, train, test, label_names=names, natural_key=natural, source=f"hub:{name}")
+    return TaskData(name, task_kind, _metric_of(task_kind, test), train, test, label_names=names, natural_key=natural, source=f"hub:{name}")
+
+
+def _metric_of(task_kind: str, test: datasets.Dataset) -> Metric:
+    """A user's generation rows that all carry candidate answers (``choices`` + ``answer``) are
+    scored as multiple choice, like the built-in commonsense tasks; other generation rows by loss."""
+    if task_kind == "classification":
+        return "accuracy"
+    if "choices" not in test.column_names or len(test) == 0:
+        return "perplexity"
+    scored = all(len(c) >= 2 and 0 <= a < len(c) for c, a in zip(test["choices"], test["answer"]))
+    return "multiple_choice" if scored else "perplexity"
 
 
 def resolve_data_dir(data_dir: str | None) -> Path | None:

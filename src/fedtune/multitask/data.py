@@ -2,17 +2,19 @@
 
 Caps are applied after a seeded shuffle, so ``max_train_examples_per_task=2000`` keeps a random
 2000 rows of SST-2, not its first 2000. Evaluation uses each task's test split (GLUE: the dev
-split; Dolly: the held-out ``global_test.json`` rows of the category).
+split; Dolly: the held-out ``global_test.json`` rows of the category). Multiple-choice tasks
+(BoolQ, ARC, OpenBookQA: generation rows with candidate answers) train on the gold answer's
+tokens and are scored by answer log-likelihood, as ``fedtune run`` scores them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import datasets
 
-from fedtune.data.encode import Example, encode_classification, encode_generation
-from fedtune.data.sources import Kind, TaskData, load_task
+from fedtune.data.encode import Example, encode_classification, encode_generation, encode_scored
+from fedtune.data.sources import Kind, Metric, TaskData, load_task
 from fedtune.errors import UsageError
 from fedtune.multitask.config import MultiTaskConfig
 
@@ -30,6 +32,9 @@ class TaskRows:
 class TaskRowSet:
     kind: Kind
     tasks: list[TaskRows]
+    #: what each task is scored by: ``accuracy`` (classification), ``perplexity`` (the response
+    #: loss) or ``multiple_choice``; one for all tasks, so that their scores average
+    metric: Metric = "accuracy"
 
     @property
     def names(self) -> list[str]:
@@ -42,6 +47,8 @@ class EncodedTask:
     train: list[Example]
     test: list[Example]
     num_labels: int
+    #: multiple choice: the test rows as prompts with candidate answers
+    scored: list[Example] = field(default_factory=list)
 
 
 def _cap(rows: datasets.Dataset, limit: int | None, seed: int) -> datasets.Dataset:
@@ -55,7 +62,10 @@ def _rows_by_value(rows: datasets.Dataset, column: str, value: str) -> datasets.
     return rows.select([i for i, v in enumerate(values) if v == value])
 
 
-def _split_dataset(config: MultiTaskConfig) -> tuple[Kind, list[tuple[str, datasets.Dataset, datasets.Dataset, int]]]:
+Parts = list[tuple[str, datasets.Dataset, datasets.Dataset, int]]
+
+
+def _split_dataset(config: MultiTaskConfig) -> tuple[Kind, Metric, Parts]:
     """``dataset`` + ``task_by``: one task per value of the column."""
     assert config.dataset is not None
     data = load_task(config.dataset, config.data_dir, seed=config.seed)
@@ -71,22 +81,26 @@ def _split_dataset(config: MultiTaskConfig) -> tuple[Kind, list[tuple[str, datas
     for name in chosen:
         test = _rows_by_value(data.test, column, name) if column in data.test.column_names else data.test.select([])
         parts.append((name, _rows_by_value(data.train, column, name), test, data.num_labels))
-    return data.kind, parts
+    return data.kind, data.metric, parts
 
 
-def _task_list(config: MultiTaskConfig) -> tuple[Kind, list[tuple[str, datasets.Dataset, datasets.Dataset, int]]]:
+def _task_list(config: MultiTaskConfig) -> tuple[Kind, Metric, Parts]:
     """``tasks``: one dataset per task, all of one kind."""
     assert config.tasks is not None
     loaded: list[TaskData] = [load_task(name, config.data_dir, seed=config.seed) for name in config.tasks]
     kinds = {d.kind for d in loaded}
     if len(kinds) > 1:
         raise UsageError(f"tasks mix classification and generation datasets: {config.tasks}")
-    return kinds.pop(), [(name, d.train, d.test, d.num_labels) for name, d in zip(config.tasks, loaded)]
+    metrics = {d.metric if d.metric == "multiple_choice" else "other" for d in loaded}
+    if len(metrics) > 1:  # a log-likelihood accuracy and a loss do not average
+        raise UsageError(f"tasks mix multiple-choice and other generation datasets: {config.tasks}")
+    metric = loaded[0].metric if metrics == {"multiple_choice"} else ("accuracy" if kinds == {"classification"} else "perplexity")
+    return kinds.pop(), metric, [(name, d.train, d.test, d.num_labels) for name, d in zip(config.tasks, loaded)]
 
 
 def load_task_rows(config: MultiTaskConfig) -> TaskRowSet:
     """Every task's capped rows; raises UsageError on any input problem, before a model loads."""
-    kind, parts = _split_dataset(config) if config.dataset is not None else _task_list(config)
+    kind, metric, parts = _split_dataset(config) if config.dataset is not None else _task_list(config)
     try:
         config.check_task_count(len(parts))
     except ValueError as err:
@@ -105,12 +119,21 @@ def load_task_rows(config: MultiTaskConfig) -> TaskRowSet:
                 num_labels if kind == "classification" else 0,
             )
         )
-    return TaskRowSet(kind, tasks)
+    if kind == "generation" and metric != "multiple_choice":
+        metric = "perplexity"  # Dolly's categories (and other generation rows) are scored by their response loss
+    return TaskRowSet(kind, tasks, metric)
 
 
 def encode_tasks(rows: TaskRowSet, tokenizer: object, max_len: int) -> list[EncodedTask]:
     encode = encode_classification if rows.kind == "classification" else encode_generation
+    scored = rows.metric == "multiple_choice"
     return [
-        EncodedTask(t.name, encode(t.train, tokenizer, max_len), encode(t.test, tokenizer, max_len), t.num_labels)
+        EncodedTask(
+            t.name,
+            encode(t.train, tokenizer, max_len),
+            encode(t.test, tokenizer, max_len),
+            t.num_labels,
+            encode_scored(t.test, tokenizer, max_len) if scored else [],
+        )
         for t in rows.tasks
     ]

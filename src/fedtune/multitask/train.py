@@ -36,7 +36,7 @@ from fedtune.multitask.model import AdapterSpec, MultiTaskModel, resolve_targets
 from fedtune.multitask.report import score_stats, write_plots
 from fedtune.rundir import RunDir
 from fedtune.runtime.engine import derive_seed, pick_device, set_determinism
-from fedtune.runtime.evaluation import evaluate_classification, evaluate_language_model
+from fedtune.runtime.evaluation import evaluate_classification, evaluate_language_model, evaluate_multiple_choice
 from fedtune.runtime.local_training import autocast, batches, resolve_precision
 
 
@@ -49,6 +49,8 @@ class MultiTaskJob:
     device: torch.device
     #: the compute precision actually used (``precision=auto`` resolved for the device)
     precision: str = "fp32"
+    #: what the tasks are scored by (``TaskRowSet.metric``)
+    metric: str = "accuracy"
 
     @property
     def names(self) -> list[str]:
@@ -56,8 +58,12 @@ class MultiTaskJob:
 
     @property
     def score_metric(self) -> str:
-        # the metric whose mean and spread are reported: accuracy, or the response-token loss
-        return "accuracy" if self.kind == "classification" else "loss"
+        # the metric whose mean and spread are reported: accuracy, answer log-likelihood accuracy, or the response-token loss
+        return {"accuracy": "accuracy", "multiple_choice": "mc_accuracy"}.get(self.metric, "loss")
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.score_metric != "loss"
 
 
 def prepare(config: MultiTaskConfig, rows: TaskRowSet | None = None) -> MultiTaskJob:
@@ -74,7 +80,7 @@ def prepare(config: MultiTaskConfig, rows: TaskRowSet | None = None) -> MultiTas
     )  # fmt: skip
     mt = MultiTaskModel(loaded, spec, label_counts, config.seed)
     mt.model.to(device)
-    return MultiTaskJob(config, rows.kind, tasks, mt, device, resolve_precision(config.precision, device))
+    return MultiTaskJob(config, rows.kind, tasks, mt, device, resolve_precision(config.precision, device), rows.metric)
 
 
 class TaskSampler:
@@ -112,6 +118,10 @@ def evaluate_tasks(job: MultiTaskJob, progress: bool = False) -> tuple[dict[str,
             metrics[task.name] = evaluate(
                 mt.model, task.test, config.eval_batch_size, mt.loaded.pad_token_id, job.device, job.precision
             )
+            if task.scored:
+                metrics[task.name] |= evaluate_multiple_choice(
+                    mt.model, task.scored, config.eval_batch_size, mt.loaded.pad_token_id, job.device, job.precision
+                )
     finally:
         mt.stop_recording()
     if mt.spec.num_adapters == 1:  # no routing: the single adapter has all the weight
@@ -242,7 +252,7 @@ def build_summary(job: MultiTaskJob, rows: list[dict[str, Any]], timings: dict[s
         "task_sampling": config.task_sampling,
         "steps": config.steps,
         "score_metric": job.score_metric,
-        "higher_is_better": job.kind == "classification",
+        "higher_is_better": job.higher_is_better,
         "scores": final["scores"],
         "mean": stats["mean"],
         "spread": {"std": stats["std"], "range": stats["range"]},
@@ -270,5 +280,6 @@ def run_multitask(job: MultiTaskJob, run_dir: RunDir) -> dict[str, Any]:
     write_plots(summary, rows, run_dir.path / "plots")
     summary["wall_seconds"] = time.perf_counter() - start
     summary["precision"] = job.precision
+    summary["device"] = job.device.type
     run_dir.write_summary(summary)
     return summary

@@ -3,6 +3,7 @@
 A comparison file is YAML, validated like a run config::
 
     name: my-comparison          # default: the file's name
+    kind: federated              # or multitask: `fedtune multitask` runs (base: a multi-task config)
     base: configs/my-job.yaml    # a run config file, or inline keys: {model: minilm, dataset: ./rows.jsonl}
     overrides: {rounds: 10}      # applied to every run (optional)
     seeds: [0, 1, 2]
@@ -38,7 +39,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from fedtune.config import ConfigSection, describe_validation_error, load_config
+from fedtune.config import ConfigSection, describe_validation_error
 from fedtune.errors import UsageError
 from fedtune.studies.definitions import DEFAULT_SIZE, FLOOR, Claim, Setting, Study
 
@@ -69,6 +70,7 @@ class ClaimSpec(ConfigSection):
 
 class ComparisonFile(ConfigSection):
     name: str | None = None
+    kind: Literal["federated", "multitask"] = "federated"
     question: str = ""
     base: str | Overrides | None = None
     overrides: Overrides = {}
@@ -180,6 +182,8 @@ def to_study(spec: ComparisonFile, default_name: str, folder: Path) -> Study:
     if missing:
         raise UsageError(f"reference {reference!r} is not a variant of setting {missing[0]!r} (variants: {', '.join(settings[0].variants)})")
     claims = tuple(_claim(c, settings, reference) for c in spec.claims)
+    if spec.kind == "multitask" and (spec.metric is not None or spec.reach is not None):
+        raise UsageError("a multitask comparison compares the mean score over tasks: it takes no 'metric' or 'reach'")
     return Study(
         spec.name or default_name,
         spec.question,
@@ -192,6 +196,7 @@ def to_study(spec: ComparisonFile, default_name: str, folder: Path) -> Study:
         metric=spec.metric,
         seeds=tuple(spec.seeds),
         reach=spec.reach,
+        kind=spec.kind,
     )
 
 
@@ -236,6 +241,7 @@ def quick_comparison(config: Path, methods: list[str], seeds: list[int]) -> Stud
 
 def validate(study: Study, size: str, extra: list[str]) -> None:
     """Build every variant's config once, so a bad one is named before any run starts."""
+    from fedtune.studies.kinds import KINDS
     from fedtune.studies.runner import override_list
 
     for setting in study.settings:
@@ -243,7 +249,7 @@ def validate(study: Study, size: str, extra: list[str]) -> None:
             raise UsageError(f"setting {setting.name!r} has no size {size!r} (sizes: {', '.join(setting.overrides)})")
         for label, variant in setting.variants.items():
             try:
-                load_config(setting.base_path, override_list({**setting.overrides[size], **variant}) + extra)
+                KINDS[study.kind].load(setting.base_path, override_list({**setting.overrides[size], **variant}) + extra)
             except UsageError as err:
                 raise UsageError(f"variant {label!r} of setting {setting.name!r}: {str(err).removeprefix('invalid config: ')}") from None
 

@@ -64,6 +64,8 @@ class Study:
     seeds: tuple[int, ...] = (0, 1, 2)
     #: a value of the compared metric: the report gives each run's uplink until it first got there
     reach: float | None = None
+    #: what the runs are (``fedtune.studies.kinds``): federated runs, or centralised multi-task runs
+    kind: str = "federated"
 
 
 def studies() -> dict[str, Study]:

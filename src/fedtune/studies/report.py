@@ -23,7 +23,8 @@ from fedtune.atomic import write_text
 from fedtune.plots import line_plot, scatter_plot
 from fedtune.rundir import read_metrics
 from fedtune.studies.definitions import FLOOR, Study
-from fedtune.studies.runner import FLOOR_COLUMNS, RUNTIME_COLUMNS, lower_is_better, similarity_grids, write_csv
+from fedtune.studies.kinds import FLOOR_COLUMNS, RUNTIME_COLUMNS, lower_is_better
+from fedtune.studies.runner import similarity_grids, write_csv
 
 
 def mean_std(values: Sequence[float | None]) -> tuple[float, float, int]:
@@ -67,6 +68,13 @@ def plot_setting(rows: list[dict[str, Any]], metric: str, out_dir: Path, prefix:
         path = out_dir / f"{prefix}_{metric}_vs_{'round' if x == 'round' else 'uplink'}.png"
         written.append(line_plot(curves, label, f"{metric} (mean over seeds)", path, figsize=(6.5, 4), dpi=110, integer_x=x == "round"))
     return written
+
+
+def plot_multitask_setting(rows: list[dict[str, Any]], metric: str, out_dir: Path, prefix: str) -> list[Path]:
+    """The mean score over tasks against the training step (a multi-task run evaluates every ``eval_every`` steps)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{prefix}_{metric}_vs_step.png"
+    return [line_plot(_curves(rows, "mean", "step"), "training step", f"mean {metric} over tasks (mean over seeds)", path, figsize=(6.5, 4), dpi=110)]
 
 
 def _extra_cell(values: list[Any], column: str) -> str:
@@ -247,6 +255,8 @@ def write_report(
             for plot in similarity_heatmaps(setting_rows, figures, setting.name):
                 lines.append(f"![{plot.stem}]({link}/{plot.name})")
             lines.append("")
+        elif study.kind == "multitask":
+            lines += [f"![{plot.stem}]({link}/{plot.name})" for plot in plot_multitask_setting(setting_rows, metric, figures, setting.name)] + [""]
         else:
             for plot in plot_setting(setting_rows, metric, figures, setting.name):
                 lines.append(f"![{plot.stem}]({link}/{plot.name})")
@@ -378,11 +388,12 @@ def _variant_table(study: Study, setting: Any, setting_rows: list[dict[str, Any]
     extra_columns = [k for k in (*study.extra_metrics, *RUNTIME_COLUMNS) if any(r.get(k) is not None for r in setting_rows) and k != "client_train_state_bytes"]
     final_columns = sorted({k for r in setting_rows for k in r if k.startswith("final_") and k != f"final_{metric}" and r[k] is not None})
     similarity = [k for k in ("similarity_A", "similarity_B", "similarity_dW") if any(r.get(k) is not None for r in setting_rows)]
+    federated = study.kind == "federated"  # a multi-task run sends nothing and has no clients
     header = [
         "variant", *(["runs"] if with_counts else []), f"final {metric}", f"best {metric}",
         *[c.removeprefix("final_") for c in final_columns], *extra_columns, *similarity,
         *([f"uplink to {metric} {'≤' if lower_is_better(metric) else '≥'} {study.reach:g} (MiB)"] if study.reach is not None else []),
-        "uplink / run (MiB)", "downlink / run (MiB)", "client training memory (MiB)", "wall / run (s)",
+        *(["uplink / run (MiB)", "downlink / run (MiB)", "client training memory (MiB)"] if federated else []), "wall / run (s)",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for variant in setting.variants:
@@ -397,7 +408,9 @@ def _variant_table(study: Study, setting: Any, setting_rows: list[dict[str, Any]
             reached = [r["bytes_up_to_reach"] for r in vr if r.get("bytes_up_to_reach") not in (None, "")]
             cell = fmt(reached, 2**-20, 2) if reached else "not reached"
             cells.append(cell + (f" ({len(reached)} of {len(vr)} runs)" if reached and len(reached) < len(vr) else ""))
-        cells += [fmt([r["total_bytes_up"] for r in vr], 2**-20, 2), fmt([r["total_bytes_down"] for r in vr], 2**-20, 2)]
-        cells += [fmt([r.get("client_train_state_bytes") for r in vr], 2**-20, 1), fmt([r["wall_seconds"] for r in vr], digits=0)]
+        if federated:
+            cells += [fmt([r["total_bytes_up"] for r in vr], 2**-20, 2), fmt([r["total_bytes_down"] for r in vr], 2**-20, 2)]
+            cells += [fmt([r.get("client_train_state_bytes") for r in vr], 2**-20, 1)]
+        cells.append(fmt([r["wall_seconds"] for r in vr], digits=0))
         lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]

@@ -20,7 +20,6 @@ same as one at a time, up to the floating-point effect of giving each process fe
 from __future__ import annotations
 
 import csv
-import gc
 import io
 import json
 import multiprocessing
@@ -34,14 +33,15 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
+from pydantic import BaseModel
+
 from fedtune.atomic import write_text
-from fedtune.config import RunConfig, dump_config, load_config
+from fedtune.config import dump_config
 from fedtune.console import worker_setup
 from fedtune.errors import UsageError
-from fedtune.rundir import RunDir, read_metrics
-from fedtune.runtime.engine import build_federation
-from fedtune.runtime.simulator import Simulator
+from fedtune.rundir import read_metrics
 from fedtune.studies.definitions import Study
+from fedtune.studies.kinds import KINDS
 
 
 def slug(label: str) -> str:
@@ -68,31 +68,31 @@ def override_list(values: dict[str, object]) -> list[str]:
     return out
 
 
-def _key(config: RunConfig) -> str:
+def _key(config: BaseModel) -> str:
     return json.dumps(config.model_dump(mode="json"), sort_keys=True)
 
 
-def config_key(config_text: str) -> str:
+def config_key(config_text: str, kind: str = "federated") -> str:
     """What makes two runs the same run: the resolved config, read through today's schema, so
     that a setting added since (at a default that keeps the old behaviour) does not make a
     finished run look different."""
-    return _key(RunConfig.model_validate(yaml.safe_load(config_text)))
+    return _key(KINDS[kind].schema.model_validate(yaml.safe_load(config_text)))
 
 
-def _stored_key(run_dir: Path) -> str | None:
+def _stored_key(run_dir: Path, kind: str = "federated") -> str | None:
     """The key of the run finished in ``run_dir`` (a run directory or a record), if any."""
     stored = run_dir / "config.yaml"
     if not (run_dir / "summary.json").exists() or not stored.exists():
         return None
     try:
-        return _key(load_config(stored))
-    except UsageError:  # a setting that no longer exists: not the same run
+        return _key(KINDS[kind].load(stored, []))
+    except UsageError:  # a setting that no longer exists (or a run of another kind): not the same run
         return None
 
 
-def reusable(out: Path, config_text: str) -> bool:
+def reusable(out: Path, config_text: str, kind: str = "federated") -> bool:
     """A finished run made from this resolved config."""
-    return _stored_key(out) == config_key(config_text)
+    return _stored_key(out, kind) == config_key(config_text, kind)
 
 
 #: what a run's record keeps: enough to report it and to tell whether it is still the run asked for
@@ -112,8 +112,8 @@ def save_record(run_dir: Path, record: Path) -> None:
 
 
 def record_index(roots: list[Path]) -> dict[str, Path]:
-    """Every finished record under ``roots`` (``<root>/<study>/runs/...``), by its config key,
-    so that two studies asking for one run (the same FedIT at the same budget and seed) run it once."""
+    """Every finished federated record under ``roots`` (``<root>/<study>/runs/...``), by its config
+    key, so that two studies asking for one run (the same FedIT at the same budget and seed) run it once."""
     index: dict[str, Path] = {}
     for root in roots:
         for summary in sorted(root.glob("*/runs/*/*/seed*/summary.json")):
@@ -126,28 +126,26 @@ def record_index(roots: list[Path]) -> dict[str, Path]:
 def adopt_records(todo: list[tuple[Any, Spec]], index: dict[str, Path]) -> int:
     """Copy a matching record from another study into each unfinished run's record place."""
     adopted = 0
-    for _, (base, overrides, run_dir, record) in todo:
-        if record is None or _finished((base, overrides, run_dir, record)):
+    for _, spec in todo:
+        base, overrides, _, record, kind = spec
+        if record is None or kind != "federated" or _finished(spec):
             continue
-        found = index.get(_key(load_config(base, overrides)))
+        found = index.get(_key(KINDS[kind].load(base, overrides)))
         if found is not None and found != record:
             save_record(found, record)
             adopted += 1
     return adopted
 
 
-def run_one(base: Path | None, overrides: list[str], out: Path, record: Path | None = None) -> dict[str, Any]:
-    config = load_config(base, overrides)
+def run_one(base: Path | None, overrides: list[str], out: Path, record: Path | None = None, kind: str = "federated") -> dict[str, Any]:
+    config = KINDS[kind].load(base, overrides)
     text = dump_config(config)
-    if record is not None and reusable(record, text):
+    if record is not None and reusable(record, text, kind):
         return json.loads((record / "summary.json").read_text())
-    if not reusable(out, text):
+    if not reusable(out, text, kind):
         if (out / "summary.json").exists():
             tqdm.write(f"{out}: its config differs from the comparison's now; running it again", file=sys.stderr)
-        simulator = Simulator(build_federation(config), RunDir.create(out, overwrite=True))
-        simulator.run()
-        del simulator
-        gc.collect()
+        KINDS[kind].execute(config, out)
     if record is not None:
         save_record(out, record)
     return json.loads((out / "summary.json").read_text())
@@ -191,18 +189,11 @@ def similarity_grids(record: Path) -> tuple[list[str], dict[str, list[list[float
     return (saved["clients"], saved["grids"]) if "grids" in saved else None
 
 
-#: what always answering the most frequent training class scores (global, personalised), from the run's data
-FLOOR_COLUMNS = ("majority_class_accuracy", "personal_majority_class_accuracy")
-
-#: what every run reports about its runtime, worth a column when a setting's runs have it
-RUNTIME_COLUMNS = ("train_tokens_per_second", "gpu_peak_memory_bytes")
-
-
 def _run_in_worker(job: Spec) -> dict[str, Any]:
     return run_one(*job)
 
 
-Spec = tuple[Path | None, list[str], Path, Path | None]  # (base config, overrides, run directory, record directory)
+Spec = tuple[Path | None, list[str], Path, Path | None, str]  # (base config, overrides, run directory, record directory, kind)
 
 
 def grid(
@@ -216,20 +207,21 @@ def grid(
             for seed in seeds:
                 overrides = override_list({**setting.overrides[size], **variant, "seed": seed, "progress": False}) + list(extra)
                 where = Path(setting.name) / slug(label) / f"seed{seed}"
-                out.append(((setting, label, seed), (setting.base_path, overrides, runs / where, records / where if records else None)))
+                spec = (setting.base_path, overrides, runs / where, records / where if records else None, study.kind)
+                out.append(((setting, label, seed), spec))
     return out
 
 
 def _finished(spec: Spec) -> bool:
-    base, overrides, run_dir, record = spec
-    text = dump_config(load_config(base, overrides))
-    return reusable(run_dir, text) or (record is not None and reusable(record, text))
+    base, overrides, run_dir, record, kind = spec
+    text = dump_config(KINDS[kind].load(base, overrides))
+    return reusable(run_dir, text, kind) or (record is not None and reusable(record, text, kind))
 
 
 def _reported_dir(spec: Spec) -> Path:
     """Where a finished run's metrics are read: its record when there is one (the run
     directory may be on another machine), else its run directory."""
-    _, _, run_dir, record = spec
+    _, _, run_dir, record, _ = spec
     return record if record is not None and (record / "summary.json").exists() else run_dir
 
 
@@ -275,43 +267,11 @@ def run_study(
     return [_row(study, setting, label, seed, spec, summary) for ((setting, label, seed), spec), summary in zip(todo, summaries)]
 
 
-def lower_is_better(metric: str) -> bool:
-    return metric.removeprefix("personal_").removeprefix("lowrank_") in ("loss", "perplexity")
-
-
 def _row(study: Study, setting: Any, label: str, seed: int, spec: Spec, summary: dict[str, Any]) -> dict[str, Any]:
     run_dir = _reported_dir(spec)
     history = read_metrics(run_dir)
-    metric = study.metric or summary["primary_metric"]
-    evaluated = [r[metric] for r in history if r.get(metric) is not None]
-    row: dict[str, Any] = {
-        "setting": setting.name,
-        "variant": label,
-        "seed": seed,
-        "method": summary["method"],
-        "run_dir": str(run_dir),
-        "primary_metric": metric,
-        "final": evaluated[-1] if evaluated else None,
-        "best": (min if lower_is_better(metric) else max)(evaluated) if evaluated else None,
-        "total_bytes_up": summary["total_bytes_up"],
-        "total_bytes_down": summary["total_bytes_down"],
-        "client_train_state_bytes": max((int(r.get("client_train_state_bytes", 0)) for r in history), default=0),
-        "wall_seconds": summary["wall_seconds"],
-        "trainable_params": summary["trainable_params"],
-        "device": summary.get("accelerator") or summary.get("device"),
-        "precision": summary.get("precision", "fp32"),
-    }
-    for key, value in summary["final"].items():
-        row[f"final_{key}"] = value
-    for key, value in (summary.get("initial") or {}).items():
-        row[f"initial_{key}"] = value
-    for key in (*FLOOR_COLUMNS, *RUNTIME_COLUMNS):
-        if summary.get(key) is not None:
-            row[key] = summary[key]
-    if study.reach is not None:
-        lower = lower_is_better(metric)
-        reached = [r for r in history if r.get(metric) is not None and (r[metric] <= study.reach if lower else r[metric] >= study.reach)]
-        row["bytes_up_to_reach"] = reached[0]["cumulative_bytes_up"] if reached else None
+    row: dict[str, Any] = {"setting": setting.name, "variant": label, "seed": seed, "run_dir": str(run_dir)}
+    row.update(KINDS[study.kind].row(summary, history, study.metric, study.reach))
     for extra in study.extra_metrics:
         values = [r[extra] for r in history if extra in r]
         row[extra] = max(values) if extra.endswith("_bytes") else (values[-1] if values else None)
