@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -230,6 +231,25 @@ def test_claims_against_another_metric_or_setting_pair_the_same_seeds(tmp_path: 
         assert v["verdict"] == "held"
     assert (verdicts["A more alike than B"]["against_metric"], verdicts["A more alike than B"]["against_setting"]) == ("similarity_B", "")
     assert (verdicts["seeds break A"]["against_metric"], verdicts["seeds break A"]["against_setting"]) == ("", "same-seed")
+    # the setting compared against left out of this report (--settings): not run yet, not a crash
+    alone = dataclasses.replace(study, settings=tuple(s for s in study.settings if s.name == "diff-seeds"))
+    assert [v["verdict"] for v in claim_verdicts(alone, [r for r in rows if r["setting"] == "diff-seeds"])] == ["not run yet"]
+    # a metric the runs do not have is named, not reported as runs still to make
+    typo = load_comparison(comparison_file(tmp_path, job, variants={"LoRA": {"method": "local-only"}}, settings=settings, reference="LoRA",
+                                           claims=[{"text": "t", "variant": "LoRA", "metric": "similarity_Z", "against_metric": "similarity_B"}]))  # fmt: skip
+    assert {v["verdict"] for v in claim_verdicts(typo, rows)} == {"no similarity_Z in the runs"}
+
+
+@pytest.mark.parametrize(
+    ("metric", "lower"),
+    [("accuracy", False), ("loss", True), ("personal_loss", True), ("lowrank_accuracy", False), ("mean_loss", True),
+     ("mean_mc_accuracy", False), ("worst_loss", True), ("worst_accuracy", False), ("loss_open_qa", True),
+     ("accuracy_sst2", False), ("spread_std", True), ("spread_range", True), ("similarity_A", False), ("perplexity", True)],
+)  # fmt: skip
+def test_which_way_each_metric_improves(metric: str, lower: bool) -> None:
+    from fedtune.studies.kinds import lower_is_better
+
+    assert lower_is_better(metric) is lower
 
 
 def test_an_analysed_comparison_keeps_the_client_grids_in_its_records(tmp_path: Path, job: Path) -> None:
@@ -320,7 +340,10 @@ def test_a_multitask_comparison_pairs_mean_and_spread_over_tasks(tmp_path: Path,
     with open(out / "report-claims.csv") as f:
         (claim,) = list(csv.DictReader(f))
     diffs = [spread["ALoRA", s] - spread["HydraLoRA", s] for s in (0, 1)]
-    assert float(claim["mean"]) == pytest.approx(sum(diffs) / 2, abs=1e-12)
+    mean, half = sum(diffs) / 2, 12.706204736 * abs(diffs[0] - diffs[1]) / 2  # t(0.975, 1) * stdev / sqrt(2)
+    assert float(claim["mean"]) == pytest.approx(mean, abs=1e-12)
+    # a smaller spread is the better one: held when the whole interval is below zero
+    assert claim["verdict"] == ("held" if mean + half < 0 else "not held" if mean - half > 0 else "not distinguishable at 2 seeds")
     report = (out / "report.md").read_text()
     assert "final mean_accuracy" in report and "accuracy_task0" in report and "spread_std" in report
     assert "uplink" not in report and "![main_mean_accuracy_vs_step](plots/main_mean_accuracy_vs_step.png)" in report
@@ -331,10 +354,11 @@ def test_a_multitask_comparison_pairs_mean_and_spread_over_tasks(tmp_path: Path,
     assert not (again / "runs").exists() and (records / "main" / "alora" / "seed0" / "summary.json").stat().st_mtime_ns == stamp
     # a multi-task comparison compares the mean over tasks: another metric is refused in one line
     capsys.readouterr()
-    path.write_text(yaml.safe_dump({**doc, "metric": "loss"}, sort_keys=False))
-    assert main(["compare", str(path), "--out", str(tmp_path / "bad")]) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "takes no 'metric' or 'reach'" in err
+    for bad in ({"metric": "loss"}, {"analyze": True}):
+        path.write_text(yaml.safe_dump({**doc, **bad}, sort_keys=False))
+        assert main(["compare", str(path), "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "takes no 'metric', 'reach' or 'analyze'" in err
 
 
 # case -> (changes to the comparison file, words the one-line error must contain)
@@ -347,6 +371,7 @@ BAD = {
     "claim on an unknown variant": ({"claims": [{"text": "x wins", "variant": "FedX"}]}, "claim 'x wins': 'FedX' is not a variant"),
     "claim with a bad expectation": ({"claims": [{"text": "x", "variant": "FedIT", "expect": "sideways"}]}, "expect"),
     "claim against an unknown setting": ({"claims": [{"text": "y", "variant": "FedIT", "against_setting": "elsewhere"}]}, "claim 'y': no setting 'elsewhere'"),
+    "claim against a metric of the other direction": ({"claims": [{"text": "w", "variant": "FedIT", "metric": "accuracy", "against_metric": "loss"}]}, "claim 'w': accuracy and loss do not improve in the same direction"),
     "claim against a metric without a variant": ({"claims": [{"text": "z", "against_metric": "loss"}]}, "claim 'z': 'against_metric' and 'against_setting' need a 'variant'"),
 }
 

@@ -208,6 +208,13 @@ def test_a_users_rows_with_candidate_answers_are_multiple_choice(tmp_path: Path)
     plain = tmp_path / "plain.jsonl"
     plain.write_text("".join(json.dumps({"prompt": r["prompt"], "response": r["response"]}) + "\n" for r in rows))
     assert load_task(str(plain), seed=0).metric == "perplexity"
+    # no response column: the answer is the gold index (here a float, as pandas writes an int column with gaps)
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text("".join(json.dumps({"question": f"q{i}", "choices": ["red", "blue", "green"], "answer": float(i % 3)}) + "\n" for i in range(12)))
+    task = load_task(str(bare), seed=0)
+    both = datasets.concatenate_datasets([task.train, task.test])
+    assert task.metric == "multiple_choice" and all(r["response"] == r["choices"][r["answer"]] for r in both)
+    assert sorted(r["answer"] for r in both) == sorted(i % 3 for i in range(12))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "x", "response": "y", "choices": ["a", "b"], "answer": 2}) + "\n")
     with pytest.raises(UsageError, match="row 1: 'answer' must be the index or the text of one of its 2 choices, got 2"):

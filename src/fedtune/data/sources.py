@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import operator
 import os
 import re
 from collections.abc import Callable
@@ -219,28 +220,44 @@ def normalise(ds: datasets.Dataset, name: str, fields: FieldMap, kind: str, fold
             for t, p, i in zip(list(ds[text]), list(ds[pair]) if pair else [None] * len(ds), ids)
         ]
         return classification_rows(rows), "classification", names
-    if prompt is None or response is None:
+    # multiple choice: every row a list of candidate answers and the gold one (its index or text)
+    candidates = list(ds["choices"]) if "choices" in columns and "answer" in columns else []
+    choice_rows = bool(candidates) and all(isinstance(c, (list, tuple)) and len(c) >= 2 for c in candidates)
+    if choice_rows and response in (None, "answer"):  # the answer column is the gold index: train on its text
+        response = None
+    elif prompt is None or response is None:
         raise UsageError(f"{name}: cannot find prompt and response columns in {columns}; set prompt_field= and response_field=")
+    if prompt is None:
+        raise UsageError(f"{name}: cannot find a prompt column in {columns}; set prompt_field=")
     categories = list(ds["category"]) if "category" in columns else [""] * len(ds)
-    rows = [
-        {"prompt": str(p), "response": str(r), "category": str(c)}
-        for p, r, c in zip(list(ds[prompt]), list(ds[response]), categories)
-    ]
-    if "choices" in columns and "answer" in columns:  # multiple choice: candidate answers and the gold one
-        for n, (row, choices, answer) in enumerate(zip(rows, list(ds["choices"]), list(ds["answer"]))):
-            row["choices"], row["answer"] = _choice_answer(name, n, choices, answer)
+    responses = list(ds[response]) if response is not None else [""] * len(ds)
+    rows = [{"prompt": str(p), "response": str(r), "category": str(c)} for p, r, c in zip(list(ds[prompt]), responses, categories)]
+    if choice_rows:
+        for n, (row, choices, answer) in enumerate(zip(rows, candidates, list(ds["answer"]))):
+            row["choices"] = [str(c) for c in choices]
+            row["answer"] = _answer_index(name, n, row["choices"], answer)
+            if response is None:
+                row["response"] = row["choices"][row["answer"]]
     return generation_rows(rows), "generation", None
 
 
-def _choice_answer(name: str, n: int, choices: Any, answer: Any) -> tuple[list[str], int]:
-    """A row's candidate answers and the gold one's index (given as an index or as its text)."""
-    if not isinstance(choices, list) or len(choices) < 2:
-        raise UsageError(f"{name}: row {n + 1}: 'choices' must be a list of at least two candidate answers, got {choices!r}"[:300])
-    choices = [str(c) for c in choices]
-    if isinstance(answer, str) and answer in choices:
-        return choices, choices.index(answer)
-    if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices):
-        return choices, answer
+def _answer_index(name: str, n: int, choices: list[str], answer: Any) -> int:
+    """The gold candidate's index, from an index (any integer type, an integral float, a digit
+    string) or from the candidate's own text."""
+    index: int | None = None
+    if isinstance(answer, str):
+        if answer in choices:
+            return choices.index(answer)
+        index = int(answer.strip()) if answer.strip().isdigit() else None
+    elif isinstance(answer, float):  # a Parquet / pandas integer column with a missing value somewhere
+        index = int(answer) if answer.is_integer() else None
+    else:
+        try:
+            index = operator.index(answer)  # int, numpy integers
+        except TypeError:
+            index = None
+    if index is not None and 0 <= index < len(choices):
+        return index
     raise UsageError(f"{name}: row {n + 1}: 'answer' must be the index or the text of one of its {len(choices)} choices, got {answer!r}"[:300])
 
 

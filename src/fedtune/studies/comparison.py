@@ -182,8 +182,8 @@ def to_study(spec: ComparisonFile, default_name: str, folder: Path) -> Study:
     if missing:
         raise UsageError(f"reference {reference!r} is not a variant of setting {missing[0]!r} (variants: {', '.join(settings[0].variants)})")
     claims = tuple(_claim(c, settings, reference) for c in spec.claims)
-    if spec.kind == "multitask" and (spec.metric is not None or spec.reach is not None):
-        raise UsageError("a multitask comparison compares the mean score over tasks: it takes no 'metric' or 'reach'")
+    if spec.kind == "multitask" and (spec.metric is not None or spec.reach is not None or spec.analyze):
+        raise UsageError("a multitask comparison compares the mean score over tasks: it takes no 'metric', 'reach' or 'analyze'")
     return Study(
         spec.name or default_name,
         spec.question,
@@ -201,12 +201,16 @@ def to_study(spec: ComparisonFile, default_name: str, folder: Path) -> Study:
 
 
 def _claim(spec: str | ClaimSpec, settings: list[Setting], reference: str) -> Claim:
+    from fedtune.studies.kinds import lower_is_better  # the run kinds import torch: not at CLI start
+
     if isinstance(spec, str):
         return Claim(spec)
     names = [s.name for s in settings]
     unknown = [name for name in spec.settings if name not in names]
     if unknown:
         raise UsageError(f"claim {spec.text!r}: no setting {unknown[0]!r} (settings: {', '.join(names)})")
+    if spec.metric and spec.against_metric and lower_is_better(spec.metric) != lower_is_better(spec.against_metric):
+        raise UsageError(f"claim {spec.text!r}: {spec.metric} and {spec.against_metric} do not improve in the same direction")
     if spec.against_setting is not None and spec.against_setting not in names:
         raise UsageError(f"claim {spec.text!r}: no setting {spec.against_setting!r} (settings: {', '.join(names)})")
     if (spec.against_metric or spec.against_setting) and spec.variant is None:

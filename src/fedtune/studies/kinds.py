@@ -16,6 +16,7 @@ how the run is made, and which numbers of its ``summary.json`` / ``metrics.jsonl
 from __future__ import annotations
 
 import gc
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,7 +116,7 @@ def _multitask_row(summary: dict[str, Any], history: list[dict[str, Any]], metri
         "best": (min if lower else max)(means) if means else None,
         "wall_seconds": summary["wall_seconds"],
         "trainable_params": summary["params"]["trainable"],
-        "device": summary.get("device", "cpu"),
+        "device": summary.get("device"),
         "precision": summary.get("precision", "fp32"),
     }
     for task, value in zip(_short_names(list(summary["scores"])), summary["scores"].values()):
@@ -128,7 +129,7 @@ def _multitask_row(summary: dict[str, Any], history: list[dict[str, Any]], metri
 
 def _short_names(tasks: list[str]) -> list[str]:
     """``glue/sst2`` -> ``sst2``, ``data/mine.jsonl`` -> ``mine``: column names, unless two would be one."""
-    short = [Path(t).stem for t in tasks]
+    short = [re.sub(r"(\.(jsonl|json|csv|parquet|gz))+$", "", t.rsplit("/", 1)[-1]) for t in tasks]
     return short if len(set(short)) == len(short) else tasks
 
 

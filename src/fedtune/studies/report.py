@@ -329,12 +329,13 @@ def claim_verdicts(study: Study, rows: list[dict[str, Any]]) -> list[dict[str, A
         for setting in study.settings:
             if claim.settings and setting.name not in claim.settings or setting.name == claim.against_setting:
                 continue
-            other = next(s for s in study.settings if s.name == (claim.against_setting or setting.name))
+            other_name = claim.against_setting or setting.name
+            other = next((s for s in study.settings if s.name == other_name), None)  # None: a setting left out (--settings)
             setting_rows = [r for r in rows if r["setting"] == setting.name]
-            other_rows = [r for r in rows if r["setting"] == other.name]
+            other_rows = [r for r in rows if r["setting"] == other_name]
             if claim.variant not in setting.variants or not setting_rows:
                 continue
-            if claim.against != FLOOR and claim.against not in other.variants:
+            if other is not None and claim.against != FLOOR and claim.against not in other.variants:
                 continue
             metric = claim.metric or setting_rows[0]["primary_metric"]
             other_metric = claim.against_metric or metric
@@ -347,9 +348,14 @@ def claim_verdicts(study: Study, rows: list[dict[str, Any]]) -> list[dict[str, A
             row = {"claim": claim.text, "source": claim.source, "setting": setting.name, "variant": claim.variant,
                    "against": claim.against, "metric": metric, "expect": claim.expect,
                    "against_metric": other_metric if other_metric != metric else "",
-                   "against_setting": other.name if other.name != setting.name else ""}  # fmt: skip
+                   "against_setting": other_name if other_name != setting.name else ""}  # fmt: skip
             if paired is None:
                 verdict = "not run yet" if not mine or not theirs else "no seeds in common"
+                # runs there but no value of the metric: a mistyped metric, not runs still to make
+                if not mine and any(r["variant"] == claim.variant for r in setting_rows):
+                    verdict = f"no {metric} in the runs"
+                elif not theirs and claim.against != FLOOR and any(r["variant"] == claim.against for r in other_rows):
+                    verdict = f"no {other_metric} in the runs"
                 out.append({**row, "seeds": 0, "mean": None, "low": None, "high": None, "verdict": verdict})
                 continue
             verdict = VERDICT[claim.expect].get(paired.verdict, paired.verdict)

@@ -275,11 +275,17 @@ def _row(study: Study, setting: Any, label: str, seed: int, spec: Spec, summary:
     for extra in study.extra_metrics:
         values = [r[extra] for r in history if extra in r]
         row[extra] = max(values) if extra.endswith("_bytes") else (values[-1] if values else None)
-    if study.analyze:  # needs the adapters: the run directory when it is here, else the record's stored result
-        source = spec[2] if (spec[2] / "summary.json").exists() else run_dir
+    if study.analyze:  # needs the adapters: the record's stored result, else the run directory of this very run
+        here, record = spec[2], spec[3]
+        if record is not None and (record / SIMILARITY_FILE).exists():
+            source = record
+        elif (here / "summary.json").exists() and _stored_key(here, study.kind) == _stored_key(run_dir, study.kind):
+            source = here
+        else:
+            raise UsageError(f"{run_dir} has no {SIMILARITY_FILE} and its adapters are not here: run it again (remove the record)")
         row.update(similarity_means(source))
-        if spec[3] is not None and not (spec[3] / SIMILARITY_FILE).exists():
-            write_text(spec[3] / SIMILARITY_FILE, (source / SIMILARITY_FILE).read_text(encoding="utf-8"))  # the record carries it too
+        if record is not None and not (record / SIMILARITY_FILE).exists():
+            write_text(record / SIMILARITY_FILE, (source / SIMILARITY_FILE).read_text(encoding="utf-8"))  # the record carries it too
     return row
 
 
