@@ -347,6 +347,7 @@ def test_a_multitask_comparison_pairs_mean_and_spread_over_tasks(tmp_path: Path,
     report = (out / "report.md").read_text()
     assert "final mean_accuracy" in report and "accuracy_task0" in report and "spread_std" in report
     assert "uplink" not in report and "![main_mean_accuracy_vs_step](plots/main_mean_accuracy_vs_step.png)" in report
+    assert "Majority-class floor per task" in report and all(0 < float(r["majority_task1"]) < 1 for r in rows.values())
     # a later session: the records alone rebuild the same rows, nothing is run again
     stamp = (records / "main" / "alora" / "seed0" / "summary.json").stat().st_mtime_ns
     again = tmp_path / "again"

@@ -420,3 +420,15 @@ def test_multiple_choice_tasks_are_scored_by_answer_log_likelihood(tmp_path: Pat
                 correct += int(max(range(len(scores)), key=scores.__getitem__) == example.answer)
         assert metrics[task.name]["mc_accuracy"] == pytest.approx(correct / len(task.scored))
         assert metrics[task.name]["loss"] > 0  # the response loss is still reported beside it
+
+
+def test_a_tasks_floor_is_the_most_frequent_training_label_on_its_test_rows() -> None:
+    import datasets
+
+    from fedtune.multitask.data import TaskRows, majority_floor
+
+    train = datasets.Dataset.from_dict({"label": [2, 2, 1, 0, 2, 1]})  # 2 is the most frequent
+    test = datasets.Dataset.from_dict({"label": [2, 1, 1, 2, 0, 1, 1, 2]})  # three of eight are 2
+    assert majority_floor(TaskRows("t", train, test, 3), "label") == 3 / 8
+    answers = TaskRows("mc", datasets.Dataset.from_dict({"answer": [0, 3, 3]}), datasets.Dataset.from_dict({"answer": [3, 1]}), 0)
+    assert majority_floor(answers, "answer") == 1 / 2

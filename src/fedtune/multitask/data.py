@@ -9,6 +9,7 @@ tokens and are scored by answer log-likelihood, as ``fedtune run`` scores them.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import datasets
@@ -49,6 +50,9 @@ class EncodedTask:
     num_labels: int
     #: multiple choice: the test rows as prompts with candidate answers
     scored: list[Example] = field(default_factory=list)
+    #: accuracy of always giving the most frequent training label (answer position for multiple
+    #: choice) on the test rows: the score a task has not been learned at; None for loss-scored tasks
+    majority_floor: float | None = None
 
 
 def _cap(rows: datasets.Dataset, limit: int | None, seed: int) -> datasets.Dataset:
@@ -134,6 +138,13 @@ def encode_tasks(rows: TaskRowSet, tokenizer: object, max_len: int) -> list[Enco
             encode(t.test, tokenizer, max_len),
             t.num_labels,
             encode_scored(t.test, tokenizer, max_len) if scored else [],
+            majority_floor(t, "answer" if scored else "label") if scored or rows.kind == "classification" else None,
         )
         for t in rows.tasks
     ]
+
+
+def majority_floor(task: TaskRows, column: str) -> float:
+    """The share of test rows whose ``column`` is the training rows' most frequent value."""
+    most = Counter(task.train[column]).most_common(1)[0][0]
+    return sum(v == most for v in task.test[column]) / len(task.test)

@@ -261,6 +261,7 @@ def build_summary(job: MultiTaskJob, rows: list[dict[str, Any]], timings: dict[s
         "min": stats["min"],
         "max": stats["max"],
         "per_task": final["tasks"],
+        "majority_class_accuracy": {t.name: t.majority_floor for t in job.tasks if t.majority_floor is not None},
         "router_weights": final["router_weights"],
         "params": {**job.mt.parameter_counts(), "per_layer": per_layer_counts(job.mt), "layers": len(job.mt.layers)},
         "train_examples_per_task": {t.name: len(t.train) for t in job.tasks},

@@ -121,6 +121,8 @@ def _multitask_row(summary: dict[str, Any], history: list[dict[str, Any]], metri
     }
     for task, value in zip(_short_names(list(summary["scores"])), summary["scores"].values()):
         row[f"final_{score}_{task}"] = value
+    for task, floor in zip(_short_names(list(summary.get("majority_class_accuracy", {}))), summary.get("majority_class_accuracy", {}).values()):
+        row[f"majority_{task}"] = floor  # what always giving the most frequent training answer scores
     row["final_spread_std"] = summary["spread"]["std"]
     row["final_spread_range"] = summary["spread"]["range"]
     row[f"final_worst_{score}"] = summary["max"] if lower else summary["min"]

@@ -248,7 +248,7 @@ def write_report(
         metric = setting_rows[0]["primary_metric"]
         lines += [f"## {setting.name}", "", f"Base config `{setting.base or 'inline'}` with the `{size}` overrides {setting.overrides[size]}.", ""]
         lines += _variant_table(study, setting, setting_rows, metric, bool(missing))
-        lines += _floor_lines(setting_rows)
+        lines += _floor_lines(setting_rows) if study.kind == "federated" else _task_floor_lines(setting_rows)
         if len(setting.variants) > 1:
             lines += _paired_lines(setting_rows, list(setting.variants), reference, metric)
         if study.analyze:
@@ -293,6 +293,15 @@ def _floor_lines(setting_rows: list[dict[str, Any]]) -> list[str]:
     if initial:
         lines += [f"Before training (the model every client starts from: the base model for LoRA methods), {metric} on the global test set: {fmt(list(initial.values()))} (mean ± std over seeds).", ""]
     return lines
+
+
+def _task_floor_lines(setting_rows: list[dict[str, Any]]) -> list[str]:
+    """A multi-task setting's floor per task: always giving the most frequent training answer."""
+    floors = {k.removeprefix("majority_"): [r.get(k) for r in setting_rows] for k in setting_rows[0] if k.startswith("majority_")}
+    if not floors:
+        return []
+    cells = ", ".join(f"{task} {fmt(values)}" for task, values in floors.items())
+    return [f"Majority-class floor per task (always the most frequent training label or answer position, on the test rows; mean ± std over seeds): {cells}. A task scored at its floor was not learned.", ""]
 
 
 # -- claims and their verdicts ---------------------------------------------------------------------
