@@ -278,7 +278,10 @@ def _floor_lines(setting_rows: list[dict[str, Any]]) -> list[str]:
     seed's partition only, so every variant of a seed has the same)."""
     parts = []
     for column, where in zip(FLOOR_COLUMNS, ("global test set", "clients' own test splits, mean over clients")):
-        by_seed = {int(r["seed"]): float(r[column]) for r in setting_rows if r.get(column) not in (None, "")}
+        by_seed: dict[int, float] = {}
+        for r in setting_rows:  # the first variant's partition: a variant with its own (a one-client ceiling) has its own floor
+            if r.get(column) not in (None, ""):
+                by_seed.setdefault(int(r["seed"]), float(r[column]))
         if by_seed:
             parts.append(f"{fmt(list(by_seed.values()))} on the {where}")
     lines = []
