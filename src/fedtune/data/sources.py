@@ -329,9 +329,8 @@ def _metric_of(task_kind: str, test: datasets.Dataset) -> Metric:
     scored as multiple choice, like the built-in commonsense tasks; other generation rows by loss."""
     if task_kind == "classification":
         return "accuracy"
-    if "choices" not in test.column_names or len(test) == 0:
-        return "perplexity"
-    scored = all(len(c) >= 2 and 0 <= a < len(c) for c, a in zip(test["choices"], test["answer"]))
+    # ``normalise`` gives every row checked candidates and a gold index, or none at all
+    scored = len(test) > 0 and all(test["choices"])
     return "multiple_choice" if scored else "perplexity"
 
 

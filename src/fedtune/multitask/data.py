@@ -98,8 +98,7 @@ def _task_list(config: MultiTaskConfig) -> tuple[Kind, Metric, Parts]:
     metrics = {d.metric if d.metric == "multiple_choice" else "other" for d in loaded}
     if len(metrics) > 1:  # a log-likelihood accuracy and a loss do not average
         raise UsageError(f"tasks mix multiple-choice and other generation datasets: {config.tasks}")
-    metric = loaded[0].metric if metrics == {"multiple_choice"} else ("accuracy" if kinds == {"classification"} else "perplexity")
-    return kinds.pop(), metric, [(name, d.train, d.test, d.num_labels) for name, d in zip(config.tasks, loaded)]
+    return kinds.pop(), loaded[0].metric, [(name, d.train, d.test, d.num_labels) for name, d in zip(config.tasks, loaded)]
 
 
 def load_task_rows(config: MultiTaskConfig) -> TaskRowSet:
@@ -124,8 +123,8 @@ def load_task_rows(config: MultiTaskConfig) -> TaskRowSet:
             )
         )
     if kind == "generation" and metric != "multiple_choice":
-        metric = "perplexity"  # Dolly's categories (and other generation rows) are scored by their response loss
-    return TaskRowSet(kind, tasks, metric)
+        metric = "perplexity"  # Dolly's categories (and other generation rows, math too) are scored by their response loss
+    return TaskRowSet(kind, tasks, "accuracy" if kind == "classification" else metric)
 
 
 def encode_tasks(rows: TaskRowSet, tokenizer: object, max_len: int) -> list[EncodedTask]:

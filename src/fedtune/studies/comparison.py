@@ -41,7 +41,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from fedtune.config import ConfigSection, describe_validation_error
 from fedtune.errors import UsageError
-from fedtune.studies.definitions import DEFAULT_SIZE, FLOOR, Claim, Setting, Study
+from fedtune.studies.definitions import DEFAULT_SIZE, FLOOR, Claim, Setting, Study, lower_is_better
 
 ROOT = Path(__file__).resolve().parents[3]
 STUDY_DIR = ROOT / "configs" / "studies"
@@ -201,8 +201,6 @@ def to_study(spec: ComparisonFile, default_name: str, folder: Path) -> Study:
 
 
 def _claim(spec: str | ClaimSpec, settings: list[Setting], reference: str) -> Claim:
-    from fedtune.studies.kinds import lower_is_better  # the run kinds import torch: not at CLI start
-
     if isinstance(spec, str):
         return Claim(spec)
     names = [s.name for s in settings]

@@ -27,6 +27,21 @@ class Setting:
 #: ``against`` value that compares a variant with its own majority-class floor (per seed)
 FLOOR = "majority-class floor"
 
+#: what always answering the most frequent training class scores (global, personalised), from the run's data
+FLOOR_COLUMNS = ("majority_class_accuracy", "personal_majority_class_accuracy")
+
+#: what every run reports about its runtime, worth a column when a setting's runs have it
+RUNTIME_COLUMNS = ("train_tokens_per_second", "gpu_peak_memory_bytes")
+
+
+def lower_is_better(metric: str) -> bool:
+    """Loss and perplexity (also per client, per rank, per task, the mean or worst over tasks) and a spread over tasks."""
+    if metric.startswith("spread_"):
+        return True
+    for prefix in ("personal_", "lowrank_", "worst_", "mean_"):
+        metric = metric.removeprefix(prefix)
+    return any(metric == base or metric.startswith(f"{base}_") for base in ("loss", "perplexity"))
+
 
 @dataclass(frozen=True)
 class Claim:

@@ -27,22 +27,7 @@ from pydantic import BaseModel
 from fedtune.config import RunConfig, load_config
 from fedtune.multitask.config import MultiTaskConfig, load_multitask_config
 from fedtune.rundir import RunDir
-
-#: what always answering the most frequent training class scores (global, personalised), from the run's data
-FLOOR_COLUMNS = ("majority_class_accuracy", "personal_majority_class_accuracy")
-
-#: what every run reports about its runtime, worth a column when a setting's runs have it
-RUNTIME_COLUMNS = ("train_tokens_per_second", "gpu_peak_memory_bytes")
-
-
-def lower_is_better(metric: str) -> bool:
-    """Loss and perplexity (also per client, per rank, per task, the mean or worst over tasks) and a spread over tasks."""
-    if metric.startswith("spread_"):
-        return True
-    for prefix in ("personal_", "lowrank_", "worst_", "mean_"):
-        metric = metric.removeprefix(prefix)
-    return any(metric == base or metric.startswith(f"{base}_") for base in ("loss", "perplexity"))
-
+from fedtune.studies.definitions import FLOOR_COLUMNS, RUNTIME_COLUMNS, lower_is_better
 
 @dataclass(frozen=True)
 class RunKind:
@@ -121,8 +106,9 @@ def _multitask_row(summary: dict[str, Any], history: list[dict[str, Any]], metri
     }
     for task, value in zip(_short_names(list(summary["scores"])), summary["scores"].values()):
         row[f"final_{score}_{task}"] = value
-    for task, floor in zip(_short_names(list(summary.get("majority_class_accuracy", {}))), summary.get("majority_class_accuracy", {}).values()):
-        row[f"majority_{task}"] = floor  # what always giving the most frequent training answer scores
+    floors = summary.get("majority_class_accuracy", {})  # what always giving the most frequent training answer scores
+    for task, floor in zip(_short_names(list(floors)), floors.values()):
+        row[f"majority_{task}"] = floor
     row["final_spread_std"] = summary["spread"]["std"]
     row["final_spread_range"] = summary["spread"]["range"]
     row[f"final_worst_{score}"] = summary["max"] if lower else summary["min"]

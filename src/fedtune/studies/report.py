@@ -22,8 +22,7 @@ import torch
 from fedtune.atomic import write_text
 from fedtune.plots import line_plot, scatter_plot
 from fedtune.rundir import read_metrics
-from fedtune.studies.definitions import FLOOR, Study
-from fedtune.studies.kinds import FLOOR_COLUMNS, RUNTIME_COLUMNS, lower_is_better
+from fedtune.studies.definitions import FLOOR, FLOOR_COLUMNS, RUNTIME_COLUMNS, Study, lower_is_better
 from fedtune.studies.runner import similarity_grids, write_csv
 
 
