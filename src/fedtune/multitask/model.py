@@ -12,7 +12,8 @@ one linear head per task with that task's number of labels, chosen by the curren
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,6 +152,15 @@ class MultiTaskModel:
 
     def stop_recording(self) -> None:
         self.context.recorder = None
+
+    @contextlib.contextmanager
+    def recording_paused(self) -> Iterator[None]:
+        """Forward passes inside this block leave the routing record alone."""
+        recorder, self.context.recorder = self.context.recorder, None
+        try:
+            yield
+        finally:
+            self.context.recorder = recorder
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         params = [p for layer in self.layers.values() for p in layer.adapter_parameters()]

@@ -119,11 +119,10 @@ def evaluate_tasks(job: MultiTaskJob, progress: bool = False) -> tuple[dict[str,
                 mt.model, task.test, config.eval_batch_size, mt.loaded.pad_token_id, job.device, job.precision
             )
             if task.scored:  # scoring the candidates is not the task's text: keep it out of the routing means
-                mt.context.recorder = None
-                metrics[task.name] |= evaluate_multiple_choice(
-                    mt.model, task.scored, config.eval_batch_size, mt.loaded.pad_token_id, job.device, job.precision
-                )
-                mt.context.recorder = recorder
+                with mt.recording_paused():
+                    metrics[task.name] |= evaluate_multiple_choice(
+                        mt.model, task.scored, config.eval_batch_size, mt.loaded.pad_token_id, job.device, job.precision
+                    )
     finally:
         mt.stop_recording()
     if mt.spec.num_adapters == 1:  # no routing: the single adapter has all the weight
