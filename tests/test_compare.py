@@ -415,3 +415,17 @@ def test_pareto_front_keeps_only_the_undominated() -> None:
     points = {"cheap": (0.30, 1.0), "best": (0.40, 5.0), "dominated": (0.29, 2.0), "tie": (0.40, 5.0)}
     assert pareto_front(points, lower_better=False) == {"cheap", "best", "tie"}
     assert pareto_front({"a": (2.0, 1.0), "b": (1.5, 3.0)}, lower_better=True) == {"a", "b"}
+
+
+def test_uplink_pareto_view_leaves_out_a_one_client_ceiling(tmp_path: Path) -> None:
+    from fedtune.studies.report import _pareto_lines
+
+    def row(variant: str, clients: int, final: float, up: int, seed: int) -> dict:
+        return {"variant": variant, "clients": clients, "final": final, "total_bytes_up": up, "client_train_state_bytes": 2**20, "seed": seed}
+
+    rows = [row(v, c, f + 0.01 * s, up, s) for s in range(2) for v, c, f, up in (("ceiling", 1, 0.7, 2**18), ("fedit", 10, 0.5, 2**24), ("ffa", 10, 0.6, 2**23))]
+    text = "\n".join(_pareto_lines(rows, "accuracy", tmp_path, "figs", "main"))
+    assert "Left out of the uplink view: `ceiling`" in text
+    assert "Not beaten on both final accuracy and uplink per run: `ffa`." in text  # the ceiling would have beaten both
+    assert "Not beaten on both final accuracy and client training memory: `ceiling`." in text
+    assert (tmp_path / "main_accuracy_vs_total_bytes_up.png").exists()

@@ -219,3 +219,12 @@ def test_a_users_rows_with_candidate_answers_are_multiple_choice(tmp_path: Path)
     bad.write_text(json.dumps({"prompt": "x", "response": "y", "choices": ["a", "b"], "answer": 2}) + "\n")
     with pytest.raises(UsageError, match="row 1: 'answer' must be the index or the text of one of its 2 choices, got 2"):
         load_task(str(bad), seed=0)
+
+
+def test_natural_partition_prints_nothing(capfd) -> None:
+    ds = datasets.Dataset.from_dict({"text": [f"row {i}" for i in range(9)], "task": ["a", "b", "c"] * 3})
+    shards = partition(ds, "natural", 3, "task")
+    assert sorted(len(s) for s in shards) == [3, 3, 3]
+    assert sorted(set(s["task"][0] for s in shards)) == ["a", "b", "c"]
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""  # flwr-datasets' own progress bar is not shown

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from typing import Literal
 
 import datasets
@@ -60,8 +62,11 @@ def partition(
         raise UsageError(f"classes_per_client={classes_per_client} exceeds the {len(set(list(train[by])))} values of {by!r}")
     partitioner = _make_partitioner(scheme, num_clients, by, seed, alpha, classes_per_client, min_size)
     partitioner.dataset = train
+    # NaturalIdPartitioner draws a tqdm bar of its own that no argument turns off; a run prints only fedtune's words
+    quiet = contextlib.redirect_stderr(io.StringIO()) if scheme == "natural" else contextlib.nullcontext()
     try:
-        shards = [partitioner.load_partition(i) for i in range(num_clients)]
+        with quiet:
+            shards = [partitioner.load_partition(i) for i in range(num_clients)]
     except ValueError as err:
         raise UsageError(f"partition={scheme} failed for {num_clients} clients: {err}".splitlines()[0]) from None
     empty = [i for i, shard in enumerate(shards) if len(shard) == 0]

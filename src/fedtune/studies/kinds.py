@@ -56,6 +56,7 @@ def _federated_row(summary: dict[str, Any], history: list[dict[str, Any]], metri
     lower = lower_is_better(metric)
     row: dict[str, Any] = {
         "method": summary["method"],
+        "clients": summary.get("clients"),
         "primary_metric": metric,
         "final": evaluated[-1] if evaluated else None,
         "best": (min if lower else max)(evaluated) if evaluated else None,

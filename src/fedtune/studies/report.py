@@ -157,12 +157,24 @@ def pareto_front(points: dict[str, tuple[float, float]], lower_better: bool) -> 
     )
 
 
+def centralised_variants(setting_rows: list[dict[str, Any]]) -> list[str]:
+    """Variants trained on a single client: a centralised run, whose uplink is no federation's."""
+    return [v for v in dict.fromkeys(r["variant"] for r in setting_rows) if all(r.get("clients") == 1 for r in setting_rows if r["variant"] == v)]
+
+
 def _pareto_lines(setting_rows: list[dict[str, Any]], metric: str, figures: Path, link: str, prefix: str) -> list[str]:
     lines = ["### Pareto view", ""]
     lower = lower_is_better(metric)
+    centralised = centralised_variants(setting_rows)
     for column, label, scale in (("total_bytes_up", "uplink per run (MiB)", 2**-20), ("client_train_state_bytes", "client training memory (MiB)", 2**-20)):
         points: dict[str, tuple[float, float]] = {}
+        left_out = centralised if column == "total_bytes_up" else []
+        if left_out:
+            named = ", ".join(f"`{v}`" for v in left_out)
+            lines += [f"Left out of the uplink view: {named}, trained on one client, uploads one model once and is no federation.", ""]
         for variant in dict.fromkeys(r["variant"] for r in setting_rows):
+            if variant in left_out:
+                continue
             vr = [r for r in setting_rows if r["variant"] == variant and r["final"] is not None and r["final"] == r["final"]]
             if vr and all(r.get(column) for r in vr):
                 points[variant] = (statistics.fmean(float(r["final"]) for r in vr), statistics.fmean(float(r[column]) for r in vr) * scale)
@@ -186,7 +198,7 @@ def similarity_heatmaps(rows: list[dict[str, Any]], out_dir: Path, prefix: str) 
             return []
         clients, grid, seeds = mean
         out_dir.mkdir(parents=True, exist_ok=True)
-        title = f"{prefix}: similarity of {matrix} (mean over {seeds} seed{'s' if seeds > 1 else ''})"
+        title = f"{prefix}\nsimilarity of {matrix} (mean over {seeds} seed{'s' if seeds > 1 else ''})"
         written.append(heatmap(grid, clients, clients, title, "client", "client", out_dir / f"{prefix}_similarity_{matrix}.png"))
     return written
 
