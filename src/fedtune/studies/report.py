@@ -169,9 +169,6 @@ def _pareto_lines(setting_rows: list[dict[str, Any]], metric: str, figures: Path
     for column, label, scale in (("total_bytes_up", "uplink per run (MiB)", 2**-20), ("client_train_state_bytes", "client training memory (MiB)", 2**-20)):
         points: dict[str, tuple[float, float]] = {}
         left_out = centralised if column == "total_bytes_up" else []
-        if left_out:
-            named = ", ".join(f"`{v}`" for v in left_out)
-            lines += [f"Left out of the uplink view: {named}, trained on one client, uploads one model once and is no federation.", ""]
         for variant in dict.fromkeys(r["variant"] for r in setting_rows):
             if variant in left_out:
                 continue
@@ -180,6 +177,9 @@ def _pareto_lines(setting_rows: list[dict[str, Any]], metric: str, figures: Path
                 points[variant] = (statistics.fmean(float(r["final"]) for r in vr), statistics.fmean(float(r[column]) for r in vr) * scale)
         if len(points) < 2:
             continue
+        if left_out:
+            named = ", ".join(f"`{v}`" for v in left_out)
+            lines += [f"Left out of the uplink view: {named}, trained on one client, uploads one model once and is no federation.", ""]
         front = pareto_front(points, lower)
         path = scatter_plot({k: (c, m) for k, (m, c) in points.items()}, label, f"final {metric} (mean over seeds)", figures / f"{prefix}_{metric}_vs_{column}.png", front)
         lines += [f"Not beaten on both final {metric} and {label.split(' (')[0]}: {', '.join(f'`{v}`' for v in points if v in front)}.", "", f"![{path.stem}]({link}/{path.name})", ""]
