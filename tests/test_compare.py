@@ -252,6 +252,26 @@ def test_which_way_each_metric_improves(metric: str, lower: bool) -> None:
     assert lower_is_better(metric) is lower
 
 
+def test_a_run_another_process_is_making_is_refused_not_made_twice(
+    tmp_path: Path, job: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two lanes sharing a records folder with an overlapping variant: the second is told, in one
+    line, instead of interleaving a second run's rows into the same record."""
+    from fedtune.studies.runner import _held_alone
+
+    records, one_seed = tmp_path / "records", comparison_file(tmp_path, job, seeds=[0], variants={"FedIT": {"method": "fedit"}})
+    record = records / "main" / "fedit" / "seed0"
+    with _held_alone([record]):  # what the other process holds while it runs (flock: per open file, so in-process too)
+        capsys.readouterr()
+        assert main(["compare", str(one_seed), "--out", str(tmp_path / "second"), "--records", str(records)]) == 2
+        err = capsys.readouterr().err
+        [said] = [line for line in err.splitlines() if "fedtune" in line]
+        assert said.startswith(f"fedtune: error: {record} is being run by another fedtune process")
+        assert not (record / "summary.json").exists()
+    assert main(["compare", str(one_seed), "--out", str(tmp_path / "third"), "--records", str(records)]) == 0
+    assert [json.loads(line)["round"] for line in (record / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert not [p for p in records.rglob("*") if p.name.endswith(".lock")]  # nothing for git to pick up
+
 def test_an_analysed_comparison_keeps_the_client_grids_in_its_records(tmp_path: Path, job: Path) -> None:
     """``analyze: true``: every record carries the pair grids `fedtune analyze` computed (the
     run's analysis/similarity_mean.csv), and the report shows the seed-mean heatmaps."""

@@ -19,16 +19,20 @@ same as one at a time, up to the floating-point effect of giving each process fe
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
+import hashlib
 import io
 import json
 import multiprocessing
 import os
 import re
 import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 from tqdm.auto import tqdm
@@ -137,11 +141,40 @@ def adopt_records(todo: list[tuple[Any, Spec]], index: dict[str, Path]) -> int:
     return adopted
 
 
+@contextlib.contextmanager
+def _held_alone(places: list[Path]) -> Iterator[None]:
+    """An exclusive lock on each place for as long as its run runs.
+
+    Two processes making the same run at once (one study launched twice, or two lanes sharing
+    a records folder with overlapping variants) would interleave their rows in one
+    ``metrics.jsonl``; the second is told instead. ``flock`` is released when its process
+    dies, so a killed run leaves no stale lock. The lock files live in the temporary folder,
+    named by the place's absolute path, so that none lands in a records folder kept in git."""
+    folder = Path(tempfile.gettempdir()) / "fedtune-locks"
+    folder.mkdir(exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        for place in places:
+            name = hashlib.sha256(str(place.resolve()).encode()).hexdigest()[:32]
+            handle = stack.enter_context(open(folder / f"{name}.lock", "a+"))
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UsageError(f"{place} is being run by another fedtune process now; let it finish, or run other variants/seeds") from None
+        yield
+
+
 def run_one(base: Path | None, overrides: list[str], out: Path, record: Path | None = None, kind: str = "federated") -> dict[str, Any]:
     config = KINDS[kind].load(base, overrides)
     text = dump_config(config)
     if record is not None and reusable(record, text, kind):
         return json.loads((record / "summary.json").read_text())
+    with _held_alone([out] if record is None else [out, record]):
+        if record is not None and reusable(record, text, kind):  # the other process finished it meanwhile
+            return json.loads((record / "summary.json").read_text())
+        return _run_unlocked(config, text, out, record, kind)
+
+
+def _run_unlocked(config: BaseModel, text: str, out: Path, record: Path | None, kind: str) -> dict[str, Any]:
     if not reusable(out, text, kind):
         if (out / "summary.json").exists():
             tqdm.write(f"{out}: its config differs from the comparison's now; running it again", file=sys.stderr)
@@ -248,22 +281,20 @@ def run_study(
         if not todo:
             return []
     specs = [spec for _, spec in todo]
-    bar = tqdm(total=len(specs), desc=f"{study.name} runs")
-    if jobs > 1:
-        # spawn, not fork: a forked child of a process that touched CUDA cannot use it
-        context = multiprocessing.get_context("spawn")
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        with ProcessPoolExecutor(jobs, mp_context=context, initializer=worker_setup, initargs=(threads,)) as pool:
-            summaries = []
-            for summary in pool.map(_run_in_worker, specs):
-                summaries.append(summary)
-                bar.update(1)
-    else:
+    with tqdm(total=len(specs), desc=f"{study.name} runs") as bar:  # closed before an error is printed
         summaries = []
-        for spec in specs:
-            summaries.append(run_one(*spec))
-            bar.update(1)
-    bar.close()
+        if jobs > 1:
+            # spawn, not fork: a forked child of a process that touched CUDA cannot use it
+            context = multiprocessing.get_context("spawn")
+            threads = max(1, (os.cpu_count() or 1) // jobs)
+            with ProcessPoolExecutor(jobs, mp_context=context, initializer=worker_setup, initargs=(threads,)) as pool:
+                for summary in pool.map(_run_in_worker, specs):
+                    summaries.append(summary)
+                    bar.update(1)
+        else:
+            for spec in specs:
+                summaries.append(run_one(*spec))
+                bar.update(1)
     return [_row(study, setting, label, seed, spec, summary) for ((setting, label, seed), spec), summary in zip(todo, summaries)]
 
 
