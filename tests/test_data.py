@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -65,6 +66,41 @@ def test_multiple_choice_rows_have_choices_and_answers() -> None:
     assert row["choices"][row["answer"]] == row["response"]
     assert len(row["choices"]) >= 4
 
+
+
+@requires_shared_data
+@pytest.mark.parametrize(("name", "folder"), [("arc-e", "ARC-Easy"), ("openbookqa", "openbookqa"), ("piqa", "piqa")])
+def test_answer_text_form_scores_each_options_own_text(name: str, folder: str) -> None:
+    """``<task>-text``: the question alone as the prompt, each option's text as a candidate. The
+    expected texts are cut out of the raw LLM-Adapters rows here with plain string splits."""
+    raw = json.loads((shared_data_dir() / "llm_adapters" / "dataset" / folder / "test.json").read_text())
+    labelled, texts = load_task(name, str(shared_data_dir())), load_task(f"{name}-text", str(shared_data_dir()))
+    assert texts.metric == "multiple_choice" and len(texts.test) == len(labelled.test) == len(raw)
+    word = "Solution" if name == "piqa" else "Answer"
+    for n in range(0, len(raw), 97):
+        question, block = raw[n]["instruction"].split("\n\n")[0], raw[n]["instruction"].split("\n\nAnswer format:")[0]
+        count = len(labelled.test[n]["choices"])
+        expected = []
+        for k in range(1, count + 1):
+            after = block.split(f"{word}{k}: ", 1)[1]
+            expected.append(after.split(f"{word}{k + 1}: ", 1)[0].strip() if k < count else after.strip())
+        row = texts.test[n]
+        assert row["choices"] == expected and row["answer"] == labelled.test[n]["answer"]
+        assert row["response"] == expected[row["answer"]]
+        assert row["prompt"] == "Answer the question.\nQuestion: " + question.split("to the question: ", 1)[1]
+        assert all(f"{word}1" not in c for c in row["choices"])
+
+
+def test_answer_text_form_refuses_a_row_whose_options_it_cannot_read(tmp_path: Path) -> None:
+    folder = tmp_path / "llm_adapters" / "dataset" / "ARC-Easy"
+    folder.mkdir(parents=True)
+    good = {"instruction": "Please choose the correct answer to the question: 2+2?\n\nAnswer1: 4 Answer2: 5\n\nAnswer format: answer1/answer2", "answer": "answer1"}
+    bad = {"instruction": "Please choose: 2+2? 4 or 5", "answer": "answer1"}
+    (folder / "test.json").write_text(json.dumps([good, bad]))
+    with pytest.raises(UsageError, match=r"arc-e-text: row 2: the options could not be read"):
+        load_task("arc-e-text", str(tmp_path))
+    (folder / "test.json").write_text(json.dumps([good]))
+    assert load_task("arc-e-text", str(tmp_path)).test[0]["choices"] == ["4", "5"]
 
 def test_final_number_extraction() -> None:
     assert final_number("so 3 + 4 = 7\n#### 7") == "7"

@@ -46,6 +46,9 @@ def test_arc_and_boolq_from_hub_match_local_prompt_format(monkeypatch: pytest.Mo
     assert row["prompt"].startswith("Please choose the correct answer to the question: Which is a planet?")
     assert "Answer2: Mars" in row["prompt"] and row["prompt"].endswith("Answer format: answer1/answer2/answer3")
     assert row["response"] == "the correct answer is answer2" and row["answer"] == 1
+    text_form = load_task("arc-e-text").test[0]
+    assert text_form["prompt"] == "Answer the question.\nQuestion: Which is a planet?"
+    assert text_form["choices"] == ["Sun", "Mars", "Moon"] and text_form["answer"] == 1 and text_form["response"] == "Mars"
     boolq = load_task("boolq")
     assert boolq.test[0]["choices"] == ["the correct answer is true", "the correct answer is false"]
     assert boolq.test[0]["answer"] == 0 and boolq.metric == "multiple_choice"
