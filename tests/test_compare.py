@@ -272,6 +272,7 @@ def test_a_run_another_process_is_making_is_refused_not_made_twice(
     assert [json.loads(line)["round"] for line in (record / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert not [p for p in records.rglob("*") if p.name.endswith(".lock")]  # nothing for git to pick up
 
+
 def test_an_analysed_comparison_keeps_the_client_grids_in_its_records(tmp_path: Path, job: Path) -> None:
     """``analyze: true``: every record carries the pair grids `fedtune analyze` computed (the
     run's analysis/similarity_mean.csv), and the report shows the seed-mean heatmaps."""

@@ -67,7 +67,6 @@ def test_multiple_choice_rows_have_choices_and_answers() -> None:
     assert len(row["choices"]) >= 4
 
 
-
 @requires_shared_data
 @pytest.mark.parametrize(("name", "folder"), [("arc-e", "ARC-Easy"), ("openbookqa", "openbookqa"), ("piqa", "piqa")])
 def test_answer_text_form_scores_each_options_own_text(name: str, folder: str) -> None:
@@ -101,6 +100,7 @@ def test_answer_text_form_refuses_a_row_whose_options_it_cannot_read(tmp_path: P
         load_task("arc-e-text", str(tmp_path))
     (folder / "test.json").write_text(json.dumps([good]))
     assert load_task("arc-e-text", str(tmp_path)).test[0]["choices"] == ["4", "5"]
+
 
 def test_final_number_extraction() -> None:
     assert final_number("so 3 + 4 = 7\n#### 7") == "7"

@@ -21,8 +21,8 @@ from typing import Any
 
 import datasets
 
-from fedtune.errors import UsageError
 from fedtune.data.sources import BuiltinDataset, TaskData, generation_rows, read_json_or_jsonl, register
+from fedtune.errors import UsageError
 
 _FORMAT = re.compile(r"Answer format:\s*(\S+)\s*$")
 
@@ -95,8 +95,12 @@ MC_TASKS: dict[str, MultipleChoiceTask] = {
 TEXT_TASKS = ("arc-e", "arc-c", "openbookqa", "piqa", "social-iqa")
 
 
+def _form_name(name: str, answer_texts: bool) -> str:
+    return f"{name}-text" if answer_texts else name
+
+
 def _mc_local(name: str, answer_texts: bool = False) -> Callable[[Path], TaskData]:
-    label = f"{name}-text" if answer_texts else name
+    label = _form_name(name, answer_texts)
 
     def load(root: Path) -> TaskData:
         folder = root / "llm_adapters" / "dataset" / MC_TASKS[name].folder
@@ -153,7 +157,7 @@ def _llm_adapters_record(name: str, r: dict[str, Any]) -> dict[str, Any]:
 
 
 def _mc_hub(name: str, answer_texts: bool = False) -> Callable[[], TaskData]:
-    label = f"{name}-text" if answer_texts else name
+    label = _form_name(name, answer_texts)
 
     def load() -> TaskData:
         spec = MC_TASKS[name]
@@ -184,7 +188,7 @@ for _name, _spec in MC_TASKS.items():
 for _name in TEXT_TASKS:
     _spec = MC_TASKS[_name]
     register(
-        f"{_name}-text",
+        _form_name(_name, answer_texts=True),
         BuiltinDataset(
             f"{_spec.folder} multiple choice, each option's text scored after the question alone; accuracy by answer log-likelihood",
             _mc_local(_name, answer_texts=True), _mc_hub(_name, answer_texts=True), (f"llm_adapters/dataset/{_spec.folder}/test.json",),
