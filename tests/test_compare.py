@@ -333,7 +333,7 @@ def test_a_multitask_comparison_pairs_mean_and_spread_over_tasks(tmp_path: Path,
     base = tmp_path / "mt.yaml"
     base.write_text(yaml.safe_dump({
         "variant": "alora", "model": "tiny-bert", "tasks": tasks, "num_adapters": 2, "r": 4, "steps": 12, "batch_size": 4, "lr": 0.05,
-        "max_seq_len": 32, "eval_every": 3, "device": "cpu", "threads": 1, "precision": "fp32",
+        "max_seq_len": 32, "eval_every": 3, "eval_initial": True, "device": "cpu", "threads": 1, "precision": "fp32",
     }))  # fmt: skip
     doc = {
         "kind": "multitask", "base": base.name, "seeds": [0, 1], "reference": "LoRA",
@@ -347,7 +347,7 @@ def test_a_multitask_comparison_pairs_mean_and_spread_over_tasks(tmp_path: Path,
     with open(out / "runs.csv") as f:
         rows = {(r["variant"], int(r["seed"])): r for r in csv.DictReader(f)}
     assert len(rows) == 6
-    spread = {}
+    spread, untrained = {}, {}
     for (variant, seed), row in rows.items():
         summary = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
         scores = [summary["scores"][t] for t in tasks]
@@ -358,6 +358,12 @@ def test_a_multitask_comparison_pairs_mean_and_spread_over_tasks(tmp_path: Path,
         assert float(row["final_spread_std"]) == pytest.approx(spread[variant, seed])
         assert float(row["final_worst_accuracy"]) == pytest.approx(min(scores))
         assert summary["variant"] == {"ALoRA": "alora", "HydraLoRA": "hydralora", "LoRA": "lora"}[variant]
+        # eval_initial: the untrained scores are a floor beside the table, not a candidate for the best mean
+        history = [json.loads(line) for line in (Path(row["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        assert [h["step"] for h in history] == [0, 3, 6, 9, 12]
+        assert float(row["best"]) == pytest.approx(max(h["mean"] for h in history[1:]))
+        assert [float(row["untrained_task0"]), float(row["untrained_task1"])] == pytest.approx([history[0]["scores"][t] for t in tasks])
+        untrained.setdefault(seed, set()).add((row["untrained_task0"], row["untrained_task1"]))
     with open(out / "report-claims.csv") as f:
         (claim,) = list(csv.DictReader(f))
     diffs = [spread["ALoRA", s] - spread["HydraLoRA", s] for s in (0, 1)]
@@ -369,6 +375,8 @@ def test_a_multitask_comparison_pairs_mean_and_spread_over_tasks(tmp_path: Path,
     assert "final mean_accuracy" in report and "accuracy_task0" in report and "spread_std" in report
     assert "uplink" not in report and "![main_mean_accuracy_vs_step](plots/main_mean_accuracy_vs_step.png)" in report
     assert "Majority-class floor per task" in report and all(0 < float(r["majority_task1"]) < 1 for r in rows.values())
+    assert all(len(pairs) == 1 for pairs in untrained.values())  # every variant starts from the same base model
+    assert "The untrained base model on the same rows" in report
     # a later session: the records alone rebuild the same rows, nothing is run again
     stamp = (records / "main" / "alora" / "seed0" / "summary.json").stat().st_mtime_ns
     again = tmp_path / "again"

@@ -432,3 +432,38 @@ def test_a_tasks_floor_is_the_most_frequent_training_label_on_its_test_rows() ->
     assert majority_floor(TaskRows("t", train, test, 3), "label") == 3 / 8
     answers = TaskRows("mc", datasets.Dataset.from_dict({"answer": [0, 3, 3]}), datasets.Dataset.from_dict({"answer": [3, 1]}), 0)
     assert majority_floor(answers, "answer") == 1 / 2
+
+
+@pytest.mark.parametrize("variant", ["alora", "hydralora"])
+def test_eval_initial_scores_the_untouched_base_model_before_step_one(variant: str, tmp_path: Path) -> None:
+    """With eval_initial, the first row (step 0) is the base model's score: recomputed here with a
+    freshly loaded model that never had adapters, one sequence at a time; the summary keeps it."""
+    from fedtune.multitask.config import MultiTaskConfig
+    from fedtune.multitask.data import load_task_rows
+    from fedtune.multitask.train import build_summary, prepare, train
+
+    tasks = [str(_write_choice_jsonl(tmp_path / f"mc{i}.jsonl", rows=30, seed=i)) for i in range(2)]
+    config = MultiTaskConfig(variant=variant, model="tiny-llama", tasks=tasks, steps=4, batch_size=4, max_seq_len=48, r=4, lr=0.05,
+                             eval_initial=True, seed=3, progress=False, device="cpu", threads=1)  # fmt: skip
+    job = prepare(config, load_task_rows(config))
+    rows, timings = train(job)
+    assert [row["step"] for row in rows] == [0, 4]
+    assert rows[0]["train_loss"] is None and rows[1]["train_loss"] is not None
+    base = load_model("tiny-llama", "generation", seed=3).model.eval()
+    for task in job.tasks:
+        correct = 0
+        with torch.no_grad():
+            for example in task.scored:
+                scores = []
+                for choice in example.choices or []:
+                    seq = torch.cat([example.input_ids, choice])
+                    logprobs = torch.log_softmax(base(input_ids=seq[None]).logits[0].float(), dim=-1)
+                    positions = torch.arange(len(example.input_ids) - 1, len(seq) - 1)
+                    scores.append(float(logprobs[positions, choice].sum()))
+                correct += int(max(range(len(scores)), key=scores.__getitem__) == example.answer)
+        assert rows[0]["scores"][task.name] == pytest.approx(correct / len(task.scored))
+    # the untrained losses differ from the trained ones: step 0 really was before training
+    assert any(rows[0]["tasks"][t]["loss"] != rows[1]["tasks"][t]["loss"] for t in job.names)
+    summary = build_summary(job, rows, timings, wall=1.0)
+    assert summary["initial_scores"] == rows[0]["scores"]
+    assert summary["scores"] == rows[1]["scores"]

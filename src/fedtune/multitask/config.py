@@ -54,6 +54,8 @@ class MultiTaskConfig(ConfigSection):
     max_train_examples_per_task: int | None = Field(2000, gt=0)
     max_eval_examples_per_task: int | None = Field(500, gt=0)
     eval_every: int | None = Field(None, gt=0, description="steps between evaluations (default: at the end only)")
+    #: every variant starts with its B's at zero, so step 0 is the base model: the floor training is measured from
+    eval_initial: bool = Field(False, description="also score the model before step 1 (the base model)")
 
     seed: int = 0
     device: Literal["cpu", "cuda", "auto"] = "auto"

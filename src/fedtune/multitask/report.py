@@ -7,6 +7,7 @@ Spread ("balanced performance") is given two ways: the population standard devia
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,11 +44,15 @@ def format_table(summary: Mapping[str, Any], out: Path) -> str:
     width = max([len(k) for k, _ in head] + [len(t) for t in summary["scores"]] + [len("mean")])
     lines = [f"{k:<{width}}  {v}" for k, v in head]
     lines.append("")
-    lines.append(f"{'task':<{width}}  {metric:>10}  router weights (per adapter)")
+    initial = summary.get("initial_scores") or {}  # eval_initial: the base model's scores beside the trained ones
+    base = {task: f"  {value:>9.4f}" for task, value in initial.items()}
+    if initial:
+        base["mean"] = f"  {statistics.fmean(initial.values()):>9.4f}"
+    lines.append(f"{'task':<{width}}  {metric:>10}{'  untrained' if initial else ''}  router weights (per adapter)")
     for task, score in summary["scores"].items():
         weights = " ".join(f"{w:.2f}" for w in router.get(task, []))
-        lines.append(f"{task:<{width}}  {score:>10.4f}  {weights}")
-    lines.append(f"{'mean':<{width}}  {summary['mean']:>10.4f}")
+        lines.append(f"{task:<{width}}  {score:>10.4f}{base.get(task, '')}  {weights}")
+    lines.append(f"{'mean':<{width}}  {summary['mean']:>10.4f}{base.get('mean', '')}")
     lines.append(f"{'std / range':<{width}}  {summary['spread']['std']:>10.4f}  range {summary['spread']['range']:.4f}")
     lines.append("")
     lines.append(f"{'wall time':<{width}}  {summary['wall_seconds']:.1f} s")

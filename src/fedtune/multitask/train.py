@@ -198,6 +198,14 @@ def train(job: MultiTaskJob, run_dir: RunDir | None = None) -> tuple[list[dict[s
     totals = _TrainTotals(job.names)
     rows: list[dict[str, Any]] = []
     train_seconds = eval_seconds = 0.0
+    if config.eval_initial:
+        start = time.perf_counter()
+        row = _eval_row(job, 0, totals, config.progress)
+        eval_seconds += time.perf_counter() - start
+        row["seconds"] = eval_seconds
+        rows.append(row)
+        if run_dir is not None:
+            run_dir.append_metrics(row)
     bar = tqdm(range(1, config.steps + 1), desc=f"{config.variant} steps", disable=not config.progress)
     for step in bar:
         start = time.perf_counter()
@@ -261,6 +269,8 @@ def build_summary(job: MultiTaskJob, rows: list[dict[str, Any]], timings: dict[s
         "max": stats["max"],
         "per_task": final["tasks"],
         "majority_class_accuracy": {t.name: t.majority_floor for t in job.tasks if t.majority_floor is not None},
+        # the base model's scores (eval_initial): what the same rows gave before any training
+        "initial_scores": rows[0]["scores"] if rows[0]["step"] == 0 else None,
         "router_weights": final["router_weights"],
         "params": {**job.mt.parameter_counts(), "per_layer": per_layer_counts(job.mt), "layers": len(job.mt.layers)},
         "train_examples_per_task": {t.name: len(t.train) for t in job.tasks},

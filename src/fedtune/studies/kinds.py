@@ -94,7 +94,7 @@ def _run_multitask(config: BaseModel, out: Path) -> None:
 def _multitask_row(summary: dict[str, Any], history: list[dict[str, Any]], metric: str | None, reach: float | None) -> dict[str, Any]:
     score = summary["score_metric"]  # ``metric`` and ``reach`` are refused for this kind when the file is read
     lower = not summary["higher_is_better"]
-    means = [float(r["mean"]) for r in history if r.get("mean") is not None]
+    means = [float(r["mean"]) for r in history if r.get("mean") is not None and r.get("step") != 0]  # step 0: untrained
     row: dict[str, Any] = {
         "method": summary["variant"],
         "primary_metric": f"mean_{score}",
@@ -110,6 +110,9 @@ def _multitask_row(summary: dict[str, Any], history: list[dict[str, Any]], metri
     floors = summary.get("majority_class_accuracy", {})  # what always giving the most frequent training answer scores
     for task, floor in zip(_short_names(list(floors)), floors.values()):
         row[f"majority_{task}"] = floor
+    initial = summary.get("initial_scores") or {}  # the base model's scores (eval_initial), the other floor
+    for task, value in zip(_short_names(list(initial)), initial.values()):
+        row[f"untrained_{task}"] = value
     row["final_spread_std"] = summary["spread"]["std"]
     row["final_spread_range"] = summary["spread"]["range"]
     row[f"final_worst_{score}"] = summary["max"] if lower else summary["min"]

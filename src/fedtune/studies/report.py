@@ -311,11 +311,20 @@ def _floor_lines(setting_rows: list[dict[str, Any]]) -> list[str]:
 
 def _task_floor_lines(setting_rows: list[dict[str, Any]]) -> list[str]:
     """A multi-task setting's floor per task: always giving the most frequent training answer."""
-    floors = {k.removeprefix("majority_"): [r.get(k) for r in setting_rows] for k in setting_rows[0] if k.startswith("majority_")}
-    if not floors:
-        return []
-    cells = ", ".join(f"{task} {fmt(values)}" for task, values in floors.items())
-    return [f"Majority-class floor per task (always the most frequent training label or answer position, on the test rows; mean ± std over seeds): {cells}. A task scored at its floor was not learned.", ""]
+    def per_task(prefix: str) -> dict[str, list[Any]]:
+        keys = dict.fromkeys(k for r in setting_rows for k in r if k.startswith(prefix))
+        return {k.removeprefix(prefix): [r[k] for r in setting_rows if r.get(k) is not None] for k in keys}
+
+    lines = []
+    floors = per_task("majority_")
+    if floors:
+        cells = ", ".join(f"{task} {fmt(values)}" for task, values in floors.items())
+        lines.append(f"Majority-class floor per task (always the most frequent training label or answer position, on the test rows; mean ± std over seeds): {cells}. A task scored at its floor was not learned.")
+    untrained = per_task("untrained_")
+    if untrained:  # every variant starts from the base model, so each run measured the same floor
+        cells = ", ".join(f"{task} {fmt(values)}" for task, values in untrained.items())
+        lines.append(f"The untrained base model on the same rows (`eval_initial`; mean ± std over the runs that scored it): {cells}.")
+    return [line for text in lines for line in (text, "")]
 
 
 # -- claims and their verdicts ---------------------------------------------------------------------
