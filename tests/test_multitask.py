@@ -388,6 +388,22 @@ def _write_choice_jsonl(path: Path, rows: int, seed: int) -> Path:
     return path
 
 
+@torch.no_grad()
+def _hand_mc_accuracy(model: nn.Module, scored: list) -> float:
+    """The share of rows whose gold candidate has the largest summed token log-probability after
+    the prompt, one sequence at a time."""
+    correct = 0
+    for example in scored:
+        scores = []
+        for choice in example.choices or []:
+            seq = torch.cat([example.input_ids, choice])
+            logprobs = torch.log_softmax(model(input_ids=seq[None]).logits[0].float(), dim=-1)
+            positions = torch.arange(len(example.input_ids) - 1, len(seq) - 1)
+            scores.append(float(logprobs[positions, choice].sum()))
+        correct += int(max(range(len(scores)), key=scores.__getitem__) == example.answer)
+    return correct / len(scored)
+
+
 def test_multiple_choice_tasks_are_scored_by_answer_log_likelihood(tmp_path: Path) -> None:
     """Each task's mc_accuracy is the share of its test rows whose gold candidate has the largest
     summed token log-probability after the prompt, recomputed here one sequence at a time."""
@@ -408,17 +424,7 @@ def test_multiple_choice_tasks_are_scored_by_answer_log_likelihood(tmp_path: Pat
     for index, task in enumerate(job.tasks):
         job.mt.use_task(index)
         assert task.scored and len(task.scored) == len(task.test)
-        correct = 0
-        with torch.no_grad():
-            for example in task.scored:
-                scores = []
-                for choice in example.choices or []:
-                    seq = torch.cat([example.input_ids, choice])
-                    logprobs = torch.log_softmax(job.mt.model(input_ids=seq[None]).logits[0].float(), dim=-1)
-                    positions = torch.arange(len(example.input_ids) - 1, len(seq) - 1)
-                    scores.append(float(logprobs[positions, choice].sum()))
-                correct += int(max(range(len(scores)), key=scores.__getitem__) == example.answer)
-        assert metrics[task.name]["mc_accuracy"] == pytest.approx(correct / len(task.scored))
+        assert metrics[task.name]["mc_accuracy"] == pytest.approx(_hand_mc_accuracy(job.mt.model, task.scored))
         assert metrics[task.name]["loss"] > 0  # the response loss is still reported beside it
 
 
@@ -451,17 +457,7 @@ def test_eval_initial_scores_the_untouched_base_model_before_step_one(variant: s
     assert rows[0]["train_loss"] is None and rows[1]["train_loss"] is not None
     base = load_model("tiny-llama", "generation", seed=3).model.eval()
     for task in job.tasks:
-        correct = 0
-        with torch.no_grad():
-            for example in task.scored:
-                scores = []
-                for choice in example.choices or []:
-                    seq = torch.cat([example.input_ids, choice])
-                    logprobs = torch.log_softmax(base(input_ids=seq[None]).logits[0].float(), dim=-1)
-                    positions = torch.arange(len(example.input_ids) - 1, len(seq) - 1)
-                    scores.append(float(logprobs[positions, choice].sum()))
-                correct += int(max(range(len(scores)), key=scores.__getitem__) == example.answer)
-        assert rows[0]["scores"][task.name] == pytest.approx(correct / len(task.scored))
+        assert rows[0]["scores"][task.name] == pytest.approx(_hand_mc_accuracy(base, task.scored))
     # the untrained losses differ from the trained ones: step 0 really was before training
     assert any(rows[0]["tasks"][t]["loss"] != rows[1]["tasks"][t]["loss"] for t in job.names)
     summary = build_summary(job, rows, timings, wall=1.0)
