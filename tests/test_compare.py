@@ -392,7 +392,23 @@ def test_a_multitask_comparison_pairs_mean_and_spread_over_tasks(tmp_path: Path,
 
 
 # case -> (changes to the comparison file, words the one-line error must contain)
+def test_more_seeds_run_only_for_the_variants_that_name_them(tmp_path: Path, job: Path) -> None:
+    settings = {"main": {"more_seeds": {"FFA-LoRA": [0, 2]}}}  # seed 0 is already the file's
+    path = comparison_file(tmp_path, job, seeds=[0], settings=settings, claims=[])
+    out = tmp_path / "out"
+    assert main(["compare", str(path), "--out", str(out)]) == 0
+    with open(out / "runs.csv") as f:
+        runs = sorted((r["variant"], r["seed"]) for r in csv.DictReader(f))
+    assert runs == [("FFA-LoRA", "0"), ("FFA-LoRA", "2"), ("Fed-ALoRA keep", "0"), ("FedIT", "0")]
+    assert "seeds [0] (FFA-LoRA in main also [2])" in (out / "report.md").read_text()
+    # seeds asked for on the command line are those and no others
+    assert main(["compare", str(path), "--out", str(out), "--seeds", "0", "--finished-only"]) == 0
+    with open(out / "runs.csv") as f:
+        assert sorted(r["seed"] for r in csv.DictReader(f)) == ["0", "0", "0"]
+
+
 BAD = {
+    "more seeds for an unknown variant": ({"settings": {"main": {"more_seeds": {"FedX": [3]}}}}, "setting 'main': more_seeds names 'FedX', not a variant"),
     "unknown method": ({"variants": {"FedIT": {"method": "fedit"}, "Mine": {"method": "fedbogus"}}}, "variant 'Mine'"),
     "unknown key": ({"variants": {"FedIT": {"method": "fedit"}, "Typo": {"method": "fedit", "lrr": 0.1}}}, "variant 'Typo'"),
     "missing base": ({"base": "no-such.yaml"}, "base config file not found: no-such.yaml"),

@@ -83,6 +83,8 @@ def _run_and_report(
     from fedtune.studies.runner import adopt_records, grid, record_index, run_study, unfinished_runs, write_csv
 
     seeds = list(args.seeds) if args.seeds is not None else list(study.seeds)
+    if args.seeds is not None:  # the seeds asked for, and no others
+        study = dataclasses.replace(study, settings=tuple(dataclasses.replace(s, more_seeds={}) for s in study.settings))
     validate(study, size, extra)  # every variant's config, before any run starts
     start = time.perf_counter()
     if records is not None and other_studies is not None:

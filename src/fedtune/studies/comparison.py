@@ -15,7 +15,8 @@ A comparison file is YAML, validated like a run config::
       FFA-LoRA: {method: ffa-lora, lr: 0.01}
       HAFL freezing: {method: hafl, hafl.scheme: freezing, ranks: {4: 0.5, 8: 0.5}}
     settings:                    # optional: several tasks or budgets, each with its own base/overrides
-      sst2: {base: configs/glue.yaml, overrides: {dataset: glue/sst2}}
+      sst2: {base: configs/glue.yaml, overrides: {dataset: glue/sst2},
+             more_seeds: {FedIT: [3, 4]}}   # seeds beyond `seeds` for some variants (a straddling claim)
     sizes: {cpu: {...}, gpu: {...}}   # optional named budgets (``--size``), per file or per setting
     claims:                      # what the comparison tests: a sentence, or a paired test with a verdict
       - sharing B is enough
@@ -54,6 +55,8 @@ class SettingSpec(ConfigSection):
     overrides: Overrides = {}
     sizes: dict[str, Overrides] = {}
     variants: dict[str, Overrides] | None = None  # default: the file's variants
+    # seeds beyond the file's for some variants: the two sides of a claim whose interval straddled zero
+    more_seeds: dict[str, list[int]] = {}
 
 
 class ClaimSpec(ConfigSection):
@@ -175,7 +178,11 @@ def to_study(spec: ComparisonFile, default_name: str, folder: Path) -> Study:
         base, base_path, inline = _resolve_base(item.base if item.base is not None else spec.base, folder, f"setting {name!r}")
         sizes = {**spec.sizes, **item.sizes} or {DEFAULT_SIZE: {}}
         overrides = {size: {**inline, **spec.overrides, **item.overrides, **extra} for size, extra in sizes.items()}
-        settings.append(Setting(name, base, overrides, dict(variants), base_path))
+        unknown = [label for label in item.more_seeds if label not in variants]
+        if unknown:
+            raise UsageError(f"setting {name!r}: more_seeds names {unknown[0]!r}, not a variant (variants: {', '.join(variants)})")
+        more = {label: tuple(s for s in seeds if s not in spec.seeds) for label, seeds in item.more_seeds.items()}
+        settings.append(Setting(name, base, overrides, dict(variants), base_path, {k: v for k, v in more.items() if v}))
     labels = [label for s in settings for label in s.variants]
     reference = spec.reference if spec.reference is not None else labels[0]
     missing = [s.name for s in settings if reference not in s.variants]

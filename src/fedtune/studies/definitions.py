@@ -22,6 +22,8 @@ class Setting:
     overrides: dict[str, dict[str, object]]  # size -> overrides (inline base keys first)
     variants: dict[str, dict[str, object]]  # label -> overrides
     base_path: Path | None = None  # where ``base`` was found
+    #: label -> seeds run for that variant beyond the study's seeds (where a claim needed more)
+    more_seeds: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 #: ``against`` value that compares a variant with its own majority-class floor (per seed)

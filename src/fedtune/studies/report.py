@@ -218,6 +218,11 @@ def mean_similarity_grid(rows: list[dict[str, Any]], matrix: str) -> tuple[list[
 
 
 # -- the report -------------------------------------------------------------------------------------
+def _more_seeds(study: Study) -> str:
+    extra = [f"{label} in {s.name} also {list(seeds)}" for s in study.settings for label, seeds in s.more_seeds.items()]
+    return f" ({'; '.join(extra)})" if extra else ""
+
+
 def write_report(
     study: Study,
     rows: list[dict[str, Any]],
@@ -240,7 +245,7 @@ def write_report(
         f"# `{study.name}`",
         "",
         *([study.question, ""] if study.question else []),
-        f"- Size: **{size}**; seeds {seeds}.",
+        f"- Size: **{size}**; seeds {seeds}{_more_seeds(study)}.",
         f"- Report written on: {hardware()}.",
         f"- Runs' device and precision (from their summaries): {', '.join(sorted({str(r.get('device')) for r in rows}))}, {', '.join(precisions)}.",
         f"- Wall time of the runs: {wall_seconds / 60:.1f} min, summed over runs (runs reused from an earlier invocation count their own time; runs made with `--jobs` overlap).",

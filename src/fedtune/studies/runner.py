@@ -233,11 +233,12 @@ def grid(
     study: Study, runs: Path, size: str, seeds: list[int], extra: list[str] = (), records: Path | None = None
 ) -> list[tuple[tuple[Any, str, int], Spec]]:
     """((setting, variant label, seed), (base config, overrides, run directory, record directory))
-    for every run. ``extra`` (the command line's key=value) applies over everything else."""
+    for every run, with each variant's ``more_seeds`` after ``seeds``. ``extra`` (the command
+    line's key=value) applies over everything else."""
     out = []
     for setting in study.settings:
         for label, variant in setting.variants.items():
-            for seed in seeds:
+            for seed in [*seeds, *(s for s in setting.more_seeds.get(label, ()) if s not in seeds)]:
                 overrides = override_list({**setting.overrides[size], **variant, "seed": seed, "progress": False}) + list(extra)
                 where = Path(setting.name) / slug(label) / f"seed{seed}"
                 spec = (setting.base_path, overrides, runs / where, records / where if records else None, study.kind)
