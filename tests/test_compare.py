@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -389,6 +390,16 @@ def test_a_multitask_comparison_pairs_mean_and_spread_over_tasks(tmp_path: Path,
         assert main(["compare", str(path), "--out", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and "takes no 'metric', 'reach' or 'analyze'" in err
+
+
+def test_a_task_floor_is_one_value_per_seed_however_many_variants_ran() -> None:
+    from fedtune.studies.report import _task_floor_lines
+
+    floors = {0: 0.60, 1: 0.70}  # each seed draws its own test rows, so its own floor
+    rows = [{"seed": seed, "majority_boolq": f, "untrained_boolq": f - 0.1} for seed, f in floors.items() for _ in range(3)]
+    text = "\n".join(_task_floor_lines(rows))
+    std = statistics.stdev(floors.values())  # over the 2 seeds, not over the 6 runs
+    assert f"boolq 0.6500 ± {std:.4f}" in text and f"boolq 0.5500 ± {std:.4f}" in text, text
 
 
 # case -> (changes to the comparison file, words the one-line error must contain)

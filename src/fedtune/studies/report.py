@@ -317,8 +317,17 @@ def _floor_lines(setting_rows: list[dict[str, Any]]) -> list[str]:
 def _task_floor_lines(setting_rows: list[dict[str, Any]]) -> list[str]:
     """A multi-task setting's floor per task: always giving the most frequent training answer."""
     def per_task(prefix: str) -> dict[str, list[Any]]:
+        # one value per seed: every variant of a seed scores the same test rows, so its runs
+        # repeat one floor, and counting each run would shrink the spread over seeds
         keys = dict.fromkeys(k for r in setting_rows for k in r if k.startswith(prefix))
-        return {k.removeprefix(prefix): [r[k] for r in setting_rows if r.get(k) is not None] for k in keys}
+        out = {}
+        for key in keys:
+            by_seed: dict[int, Any] = {}
+            for r in setting_rows:
+                if r.get(key) not in (None, ""):
+                    by_seed.setdefault(int(r["seed"]), r[key])
+            out[key.removeprefix(prefix)] = list(by_seed.values())
+        return out
 
     lines = []
     floors = per_task("majority_")
@@ -328,7 +337,7 @@ def _task_floor_lines(setting_rows: list[dict[str, Any]]) -> list[str]:
     untrained = per_task("untrained_")
     if untrained:  # every variant starts from the base model, so each run measured the same floor
         cells = ", ".join(f"{task} {fmt(values)}" for task, values in untrained.items())
-        lines.append(f"The untrained base model on the same rows (`eval_initial`; mean ± std over the runs that scored it): {cells}.")
+        lines.append(f"The untrained base model on the same rows (`eval_initial`; mean ± std over seeds): {cells}.")
     return [line for text in lines for line in (text, "")]
 
 
