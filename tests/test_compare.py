@@ -402,7 +402,6 @@ def test_a_task_floor_is_one_value_per_seed_however_many_variants_ran() -> None:
     assert f"boolq 0.6500 ± {std:.4f}" in text and f"boolq 0.5500 ± {std:.4f}" in text, text
 
 
-# case -> (changes to the comparison file, words the one-line error must contain)
 def test_more_seeds_run_only_for_the_variants_that_name_them(tmp_path: Path, job: Path) -> None:
     settings = {"main": {"more_seeds": {"FFA-LoRA": [0, 2]}}}  # seed 0 is already the file's
     path = comparison_file(tmp_path, job, seeds=[0], settings=settings, claims=[])
@@ -418,6 +417,7 @@ def test_more_seeds_run_only_for_the_variants_that_name_them(tmp_path: Path, job
         assert sorted(r["seed"] for r in csv.DictReader(f)) == ["0", "0", "0"]
 
 
+# case -> (changes to the comparison file, words the one-line error must contain)
 BAD = {
     "more seeds for an unknown variant": ({"settings": {"main": {"more_seeds": {"FedX": [3]}}}}, "setting 'main': more_seeds names 'FedX', not a variant"),
     "unknown method": ({"variants": {"FedIT": {"method": "fedit"}, "Mine": {"method": "fedbogus"}}}, "variant 'Mine'"),

@@ -289,17 +289,24 @@ def write_report(
     return path
 
 
+def _floor_per_seed(rows: list[dict[str, Any]], column: str) -> list[float]:
+    """One value of ``column`` per seed, the first row's: a floor depends on the seed's data
+    only, so every variant of a seed repeats it, and counting each run would shrink its spread."""
+    by_seed: dict[int, float] = {}
+    for r in rows:
+        if r.get(column) not in (None, ""):
+            by_seed.setdefault(int(r["seed"]), float(r[column]))
+    return list(by_seed.values())
+
+
 def _floor_lines(setting_rows: list[dict[str, Any]]) -> list[str]:
     """The scores of always answering the most frequent training class (they depend on the
     seed's partition only, so every variant of a seed has the same)."""
     parts = []
     for column, where in zip(FLOOR_COLUMNS, ("global test set", "clients' own test splits, mean over clients")):
-        by_seed: dict[int, float] = {}
-        for r in setting_rows:  # the first variant's partition: a variant with its own (a one-client ceiling) has its own floor
-            if r.get(column) not in (None, ""):
-                by_seed.setdefault(int(r["seed"]), float(r[column]))
-        if by_seed:
-            parts.append(f"{fmt(list(by_seed.values()))} on the {where}")
+        # the first variant's partition: a variant with its own (a one-client ceiling) has its own floor
+        if values := _floor_per_seed(setting_rows, column):
+            parts.append(f"{fmt(values)} on the {where}")
     lines = []
     if parts:
         lines += [
@@ -308,26 +315,16 @@ def _floor_lines(setting_rows: list[dict[str, Any]]) -> list[str]:
             "",
         ]
     metric = setting_rows[0]["primary_metric"]
-    initial = {int(r["seed"]): float(r[f"initial_{metric}"]) for r in setting_rows if r.get(f"initial_{metric}") not in (None, "")}
-    if initial:
-        lines += [f"Before training (the model every client starts from: the base model for LoRA methods), {metric} on the global test set: {fmt(list(initial.values()))} (mean ± std over seeds).", ""]
+    if initial := _floor_per_seed(setting_rows, f"initial_{metric}"):
+        lines += [f"Before training (the model every client starts from: the base model for LoRA methods), {metric} on the global test set: {fmt(initial)} (mean ± std over seeds).", ""]
     return lines
 
 
 def _task_floor_lines(setting_rows: list[dict[str, Any]]) -> list[str]:
     """A multi-task setting's floor per task: always giving the most frequent training answer."""
-    def per_task(prefix: str) -> dict[str, list[Any]]:
-        # one value per seed: every variant of a seed scores the same test rows, so its runs
-        # repeat one floor, and counting each run would shrink the spread over seeds
+    def per_task(prefix: str) -> dict[str, list[float]]:
         keys = dict.fromkeys(k for r in setting_rows for k in r if k.startswith(prefix))
-        out = {}
-        for key in keys:
-            by_seed: dict[int, Any] = {}
-            for r in setting_rows:
-                if r.get(key) not in (None, ""):
-                    by_seed.setdefault(int(r["seed"]), r[key])
-            out[key.removeprefix(prefix)] = list(by_seed.values())
-        return out
+        return {k.removeprefix(prefix): _floor_per_seed(setting_rows, k) for k in keys}
 
     lines = []
     floors = per_task("majority_")
