@@ -19,9 +19,10 @@ def run_tiny(overrides: list[str], out: Path | None = None) -> tuple[Simulator, 
     return simulator, summary
 
 
-def train_with_hooks(method, start: dict, local: dict, grad_for, steps: int = 3, lr: float = 0.1) -> dict:
+def train_with_hooks(method, start: dict, local: dict, grad_for, steps: int = 3, lr: float = 0.1, direction=None) -> dict:
     """A method's local-training contract without a model: ``grad_for(key, param, step)`` gives
-    each trainable tensor's gradient; plain SGD steps; the method's hooks run as in
+    each trainable tensor's gradient; plain SGD steps (or ``param -= lr * direction(grad)``, an
+    optimizer that rescales the gradient); the method's hooks run as in
     ``client_turn`` (after_backward, step, after_step, then extras merged into the trained
     state). Returns the trained state (bookkeeping keys of ``start`` included)."""
     import torch
@@ -35,7 +36,7 @@ def train_with_hooks(method, start: dict, local: dict, grad_for, steps: int = 3,
             hooks.after_backward(params)
         with torch.no_grad():
             for param in params.values():
-                param -= lr * param.grad
+                param -= lr * (param.grad if direction is None else direction(param.grad))
         if hooks is not None:
             hooks.after_step(params)
     trained = {k: v.clone() for k, v in start.items()}

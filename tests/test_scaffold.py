@@ -1,9 +1,11 @@
-"""SCAFFOLD against a plain-torch reference of its update rules (option II), over rounds.
+"""SCAFFOLD against a plain-torch reference of its update rules, over rounds.
 
 Reference (float64), per corrected tensor: a client starts from x with controls c, c_k, takes
-K SGD steps y <- y - lr (g(y) - c_k + c), sets c_k+ = c_k - c + (x - y) / (K lr); the server
-sets x <- sum_k p_k y_k (the wrapped FedIT's mean) and c <- c + (1/N) sum_k (c_k+ - c_k).
-Four clients, unequal n_k, partial participation, five rounds; FedIT and FedSA-LoRA inside.
+K steps y <- y - lr d(g(y) - c_k + c) (d the identity for SGD, an elementwise rescaling for an
+Adam-like optimizer), sets c_k+ = mean_t g(y_t) (``mean-gradient``) or c_k - c + (x - y) / (K lr)
+(``option-ii``); the server sets x <- sum_k p_k y_k (the wrapped FedIT's mean) and
+c <- c + (1/N) sum_k (c_k+ - c_k). Four clients, unequal n_k, partial participation, five
+rounds; FedIT and FedSA-LoRA inside.
 """
 
 from __future__ import annotations
@@ -50,9 +52,23 @@ def grad_for(client: int, round_num: int):
     return grad
 
 
+def sgd(g: torch.Tensor) -> torch.Tensor:
+    return g
+
+
+def rescaled(g: torch.Tensor) -> torch.Tensor:
+    """An Adam-like step: about one unit per coordinate whatever the gradient's size."""
+    return g / (g.abs() + 1e-3)
+
+
 @pytest.mark.parametrize("inner_cls", [FedIT, FedSALoRA], ids=["fedit", "fedsa-lora"])
-def test_scaffold_follows_the_reference_over_rounds(inner_cls) -> None:
-    method = Scaffold(inner_cls(), lr=LR, clients=len(N))
+@pytest.mark.parametrize(
+    ("control", "direction"),
+    [("mean-gradient", sgd), ("option-ii", sgd), ("mean-gradient", rescaled), ("option-ii", rescaled)],
+    ids=["mean-gradient-sgd", "option-ii-sgd", "mean-gradient-adamlike", "option-ii-adamlike"],
+)
+def test_scaffold_follows_the_reference_over_rounds(inner_cls, control, direction) -> None:
+    method = Scaffold(inner_cls(), lr=LR, clients=len(N), control=control)
     inner = inner_cls()
     shared = [k for k in initial_state() if inner.is_shared(k)]
     server = method.server_init(initial_state())
@@ -67,16 +83,25 @@ def test_scaffold_follows_the_reference_over_rounds(inner_cls) -> None:
             received = method.download(server, k)
             assert set(received) == set(shared) | {SENT_C + key for key in shared}  # c comes down, counted
             start = method.client_start(received, local[k], initial_state(), k)
-            trained = train_with_hooks(method, start, local[k], grad_for(k, round_num), steps=STEPS, lr=LR)
+            trained = train_with_hooks(method, start, local[k], grad_for(k, round_num), steps=STEPS, lr=LR, direction=direction)
             upload, local[k] = method.client_finish(trained, start)
             uploads.append(ClientUpload(k, N[k], upload))
             # the reference client
             grad = grad_for(k, round_num)
             y = {key: v.clone() for key, v in x.items()}
             y.update({key: v.clone() for key, v in personal[k].items()})
+            raw_sum = {key: torch.zeros_like(v) for key, v in x.items()}
             for step in range(STEPS):
-                y = {key: v - LR * (grad(key, v, step) + ((c[key] - c_k[k][key]) if key in x else 0)) for key, v in y.items()}
-            new_c_k = {key: c_k[k][key] - c[key] + (x[key] - y[key]) / (STEPS * LR) for key in x}
+                raw = {key: grad(key, v, step) for key, v in y.items()}
+                for key in x:
+                    raw_sum[key] += raw[key]
+                y = {key: v - LR * direction(raw[key] + ((c[key] - c_k[k][key]) if key in x else 0)) for key, v in y.items()}
+            option_ii = {key: c_k[k][key] - c[key] + (x[key] - y[key]) / (STEPS * LR) for key in x}
+            mean_gradient = {key: raw_sum[key] / STEPS for key in x}
+            if direction is sgd:  # the identity the default rests on: option II is the mean gradient under SGD
+                for key in x:
+                    assert_close(option_ii[key], mean_gradient[key])
+            new_c_k = mean_gradient if control == "mean-gradient" else option_ii
             deltas[k] = {key: new_c_k[key] - c_k[k][key] for key in x}
             c_k[k] = new_c_k
             ys[k] = y
@@ -96,6 +121,22 @@ def test_scaffold_follows_the_reference_over_rounds(inner_cls) -> None:
             assert_close(glob[key], x[key])
             assert_close(method.download(server, 0)[SENT_C + key], c[key])
     assert any(v.abs().max() > 0 for v in c.values())  # the controls really moved
+
+
+def test_under_an_adaptive_step_option_ii_leaves_gradient_units() -> None:
+    """Why mean-gradient is the default: with an Adam-like step, option II's control is about
+    1/K-step-sized units per coordinate, far from a gradient of size 1e-2; the mean gradient is it."""
+    small = lambda key, param, step: 1e-2 * torch.ones_like(param)  # noqa: E731
+    controls = {}
+    for control in ("mean-gradient", "option-ii"):
+        method = Scaffold(FedIT(), lr=LR, clients=len(N), control=control)
+        server = method.server_init(initial_state())
+        start = method.client_start(method.download(server, 0), {}, initial_state(), 0)
+        trained = train_with_hooks(method, start, {}, small, steps=STEPS, lr=LR, direction=rescaled)
+        upload = method.client_finish(trained, start)[0]
+        controls[control] = upload[DELTA_C + "enc.q.lora_A"]  # c_k = 0 before: Delta c_k is c_k+
+    assert_close(controls["mean-gradient"], torch.full((3, 6), 1e-2, dtype=F64))
+    assert controls["option-ii"].min() > 0.9  # ~ 1 / (1 + 0.1): ninety times the gradient
 
 
 def test_without_correction_round_one_is_the_wrapped_method() -> None:
@@ -119,6 +160,7 @@ def test_scaffold_doubles_what_travels(cls_file: Path) -> None:
     fed = build_federation(config)
     method = fed.method
     assert method.name == "fedit+scaffold"
+    assert method.control == "mean-gradient"  # the default
     server = method.server_init(fed.initial_state(None))
     payload = method.download(server, 0)
     model_part = {k: v for k, v in payload.items() if not k.startswith(SENT_C)}

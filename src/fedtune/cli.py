@@ -81,7 +81,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
         "\nWith any method that averages (see README, Methods):\n"
         "  server_opt.name=fedavgm|fedadam|fedyogi|fedadagrad  a server optimiser on the averaged tensors\n"
         "  fedprox.mu=MU                                       FedProx's proximal term in local training\n"
-        "  scaffold.enabled=true                               SCAFFOLD's control variates (mean-aggregating methods)"
+        "  scaffold.enabled=true                               SCAFFOLD's control variates (mean-aggregating methods)\n"
+        "  scaffold.control=mean-gradient|option-ii            how a client estimates its control (default mean-gradient)"
     )
     return EXIT_OK
 
