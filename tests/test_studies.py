@@ -198,3 +198,67 @@ def test_round_plots_tick_whole_rounds(tiny_study: Path, tmp_path: Path, monkeyp
     assert "tiny-setting_accuracy_vs_round.png" in round_ticks  # the study's plot
     assert "accuracy_vs_round.png" in round_ticks  # a run's own plot
     assert all(float(t).is_integer() for ticks in round_ticks.values() for t in ticks), round_ticks
+
+
+ORPHAN_JOB = '''
+import os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+import multiprocessing
+from fedtune.console import worker_setup
+
+
+def hold(_):
+    print(os.getpid(), flush=True)
+    time.sleep(120)
+
+
+if __name__ == "__main__":
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context, initializer=worker_setup, initargs=(1, os.getpid())) as pool:
+        list(pool.map(hold, [0, 1]))
+'''
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (a container's init may never reap an orphan)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_a_study_worker_ends_when_its_parent_is_killed(tmp_path: Path) -> None:
+    """`kill` on `fedtune study --jobs N` must not leave workers running queued runs with stale code."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "orphan_job.py"
+    script.write_text(ORPHAN_JOB)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    worker = int(parent.stdout.readline())
+    assert _alive(worker)
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 20
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    gone = not _alive(worker)
+    if not gone:
+        os.kill(worker, signal.SIGKILL)
+    assert gone, "the worker outlived its killed parent"
+
+
+def test_the_orphan_watch_fires_only_when_the_parent_changes() -> None:
+    import os
+    import threading
+
+    from fedtune.console import exit_when_orphaned
+
+    fired = threading.Event()
+    exit_when_orphaned(os.getppid() + 10**6, interval=0.01, on_orphan=fired.set)  # not our parent: orphaned
+    assert fired.wait(5)

@@ -288,7 +288,7 @@ def run_study(
             # spawn, not fork: a forked child of a process that touched CUDA cannot use it
             context = multiprocessing.get_context("spawn")
             threads = max(1, (os.cpu_count() or 1) // jobs)
-            with ProcessPoolExecutor(jobs, mp_context=context, initializer=worker_setup, initargs=(threads,)) as pool:
+            with ProcessPoolExecutor(jobs, mp_context=context, initializer=worker_setup, initargs=(threads, os.getpid())) as pool:
                 for summary in pool.map(_run_in_worker, specs):
                     summaries.append(summary)
                     bar.update(1)
