@@ -4,7 +4,10 @@ module (``fedtune run``, ``fedtune flower ...``, the studies) imports it without
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,30 +79,25 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*")
 
 
-def worker_setup(threads: int, parent: int | None = None) -> None:
+def worker_setup(threads: int, parent: int) -> None:
     """A worker process's set-up (``--jobs``): its share of the cores, the parent's quiet
-    libraries, and (given the parent's pid) an exit when the parent is gone. It lives here, not
+    libraries, and an exit when the parent (pid ``parent``) is gone. It lives here, not
     beside the pool, so that a spawned worker unpickles it without importing the model libraries
     first (bitsandbytes speaks on import)."""
     import torch
 
-    if parent is not None:
-        exit_when_orphaned(parent)
+    exit_when_orphaned(parent)
     torch.set_num_threads(threads)
     quiet_libraries()
 
 
-def exit_when_orphaned(parent: int, interval: float = 2.0, on_orphan: Any = None) -> Any:
+def exit_when_orphaned(parent: int, interval: float = 2.0, on_orphan: Callable[[], object] | None = None) -> threading.Thread:
     """Watch (in a daemon thread) for the parent's death and then end this process.
 
     A process pool's workers outlive a parent killed by a signal (``kill``, a scheduler's
     SIGTERM): they finish the runs they hold and the one queued next, with the code they
     imported, and write their records. Polling the parent pid is POSIX-wide and does not depend
     on which of the parent's threads started the worker (Linux's PR_SET_PDEATHSIG does)."""
-    import os
-    import threading
-    import time
-
     def leave() -> None:
         os._exit(1)  # the run in progress writes no record: its summary would come last
 
