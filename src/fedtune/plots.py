@@ -33,6 +33,18 @@ def numeric_series(rows: Sequence[dict[str, Any]]) -> dict[str, tuple[list[int],
     return series
 
 
+#: matplotlib's default cycle has ten colours; the next ten curves change marker and line style too,
+#: so a study of twelve variants does not draw two of them alike
+_MARKERS = ("o", "s", "^", "D")
+_LINESTYLES = ("-", "--", ":", "-.")
+
+
+def curve_style(index: int) -> dict[str, str]:
+    """The colour, marker and line style of the ``index``-th curve of a plot (distinct up to 40 curves)."""
+    cycle = (index // 10) % len(_MARKERS)
+    return {"color": f"C{index % 10}", "marker": _MARKERS[cycle], "linestyle": _LINESTYLES[cycle]}
+
+
 def line_plot(
     curves: dict[str, tuple[Sequence[float], Sequence[float]]],
     xlabel: str,
@@ -48,8 +60,8 @@ def line_plot(
     `integer_x` keeps x ticks on whole numbers (rounds), which matplotlib would otherwise put at 1.25, 1.5, ...
     """
     fig, ax = plt.subplots(figsize=figsize)
-    for label, (xs, ys) in curves.items():
-        ax.plot(xs, ys, marker="o", label=label)
+    for index, (label, (xs, ys)) in enumerate(curves.items()):
+        ax.plot(xs, ys, label=label, **curve_style(index))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if integer_x:
@@ -57,10 +69,13 @@ def line_plot(
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
-    if len(curves) > 1:
+    if len(curves) > 6:
+        # Beside the axes: inside, a long legend hides the curves it names.
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    elif len(curves) > 1:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    savefig(fig, path, dpi=dpi)
+    savefig(fig, path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return path
 
