@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+import fedtune.plots as plots
 from fedtune.plots import curve_style, line_plot
 
 
@@ -23,3 +24,19 @@ def test_line_plot_writes_a_png_for_any_number_of_curves(tmp_path: Path, count: 
     curves = {f"variant {i}": ([2, 4, 6, 8], [0.1 * i, 0.2, 0.3, 0.4]) for i in range(count)}
     path = line_plot(curves, "round", "accuracy", tmp_path / "plot.png", integer_x=True)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_line_plot_draws_twelve_curves_each_in_its_own_style(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """What the optimisers study's 12 variants need: no two drawn lines alike (colour, marker, line style)."""
+    drawn: list[tuple[str, str, str]] = []
+    real_savefig = plots.savefig
+
+    def capture(fig, path, **kwargs):
+        drawn.extend((str(line.get_color()), str(line.get_marker()), str(line.get_linestyle())) for line in fig.axes[0].get_lines())
+        real_savefig(fig, path, **kwargs)
+
+    monkeypatch.setattr(plots, "savefig", capture)
+    curves = {f"variant {i}": ([2, 4, 6, 8], [0.1 * i, 0.2, 0.3, 0.4]) for i in range(12)}
+    line_plot(curves, "round", "accuracy", tmp_path / "plot.png", integer_x=True)
+    assert len(drawn) == 12
+    assert len(set(drawn)) == 12
